@@ -1,0 +1,43 @@
+"""diffaccel: drop-in accelerated attention for diffusers pipelines.
+
+    import diffaccel
+    diffaccel.apply(pipe, "dense")            # any registered method name, instance or processor
+    pipe.transformer.set_attn_processor(diffaccel.DiffAccelAttnProcessor("dense"))
+    diffaccel.remove(pipe)                    # stock diffusers processors again
+"""
+
+from diffaccel.context import RunContext
+from diffaccel.errors import (
+    ConfigError,
+    DiffAccelError,
+    LayoutError,
+    ModelLoadError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from diffaccel.layout import TokenLayout
+from diffaccel.methods.base import AttentionMethod, MethodConfig, get_method, list_methods, method_parameters
+from diffaccel.pipelines.hooks import apply, remove
+from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionMethod",
+    "ConfigError",
+    "DiffAccelAttnProcessor",
+    "DiffAccelError",
+    "LayoutError",
+    "MethodConfig",
+    "ModelLoadError",
+    "RunContext",
+    "TokenLayout",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "__version__",
+    "apply",
+    "get_method",
+    "list_methods",
+    "method_parameters",
+    "remove",
+]

@@ -1,0 +1,122 @@
+"""Where tokens sit in an attention call: the text slice and the visual grid.
+
+Methods never guess the model's token order: adapters build a :class:`TokenLayout` for every call, and
+methods read the text slice and the visual grid from it. SD3 puts text after the image tokens, FLUX,
+HunyuanVideo (dual-stream) and CogVideoX before; Wan's self-attention has none.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from diffaccel.errors import LayoutError
+
+Grid = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token positions of one attention call.
+
+    Attributes:
+        num_tokens: sequence length of the queries (and, for self/joint attention, of the keys).
+        grid: visual token grid in the order the model flattens it, ``(H, W)`` or ``(F, H, W)``; ``None`` when
+            the call has no visual grid (a text-only refiner, an unknown layout). Methods run dense then.
+        text: slice of text token positions inside the sequence, or ``None``.
+        is_cross: cross-attention (queries visual, keys from the text encoder). Methods keep it dense unless
+            they say otherwise.
+        num_keys: key length, when it differs from ``num_tokens`` (cross-attention).
+    """
+
+    num_tokens: int
+    grid: Grid | None
+    text: slice | None = None
+    is_cross: bool = False
+    num_keys: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            raise LayoutError(f"num_tokens must be >= 0, got {self.num_tokens}")
+        if self.grid is not None:
+            if not (1 <= len(self.grid) <= 3) or any(int(s) < 1 for s in self.grid):
+                raise LayoutError(f"grid must be 1 to 3 positive sizes, got {self.grid}")
+            object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
+        if self.text is not None:
+            start, stop, step = self.text.indices(self.num_tokens)
+            if step != 1 or stop < start:
+                raise LayoutError(f"text must be a contiguous slice, got {self.text}")
+            if start not in (0,) and stop != self.num_tokens:
+                raise LayoutError(f"text must be a prefix or a suffix of the sequence, got {self.text}")
+            object.__setattr__(self, "text", slice(start, stop))
+        if self.grid is not None and not self.is_cross:
+            expected = self.num_tokens - self.num_text
+            if math.prod(self.grid) != expected:
+                raise LayoutError(
+                    f"grid {self.grid} holds {math.prod(self.grid)} tokens but the call has {expected} visual tokens "
+                    f"({self.num_tokens} tokens, {self.num_text} text)"
+                )
+
+    @property
+    def num_text(self) -> int:
+        return 0 if self.text is None else self.text.stop - self.text.start
+
+    @property
+    def num_visual(self) -> int:
+        return self.num_tokens - self.num_text if not self.is_cross else self.num_tokens
+
+    @property
+    def text_first(self) -> bool:
+        """True when the text tokens are a prefix of the sequence (FLUX, CogVideoX), False for a suffix (SD3)."""
+        return self.text is not None and self.text.start == 0 and self.num_text > 0
+
+    @property
+    def visual(self) -> slice:
+        """Slice of the visual tokens inside the sequence."""
+        if self.text is None or self.num_text == 0:
+            return slice(0, self.num_tokens)
+        return slice(self.num_text, self.num_tokens) if self.text_first else slice(0, self.text.start)
+
+    @property
+    def has_grid(self) -> bool:
+        return self.grid is not None and not self.is_cross
+
+    def visual_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Grid coordinates of each visual token, shape ``(num_visual, len(grid))``, row-major as the model flattens."""
+        if self.grid is None:
+            raise LayoutError("this layout has no visual grid")
+        return _coords(self.grid).to(device)
+
+
+@lru_cache(maxsize=64)
+def _coords(grid: Grid) -> torch.Tensor:
+    axes = [torch.arange(s) for s in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+
+
+def downsampled_grid(base: Grid, num_tokens: int) -> Grid | None:
+    """The grid a UNet level holds: ``base`` halved (rounding up, as stride-2 convs do) until it has ``num_tokens``.
+
+    Returns ``None`` when no level matches, so the caller can raise with its own context.
+    """
+    grid = tuple(base)
+    while True:
+        if math.prod(grid) == num_tokens:
+            return grid
+        if math.prod(grid) < num_tokens or all(s == 1 for s in grid):
+            return None
+        grid = tuple(math.ceil(s / 2) for s in grid)
+
+
+def square_grid(num_visual: int) -> Grid:
+    """The square grid of ``num_visual`` tokens, for processors installed without :func:`diffaccel.apply`."""
+    side = math.isqrt(num_visual)
+    if side * side != num_visual:
+        raise LayoutError(
+            f"cannot infer the visual grid of {num_visual} tokens: it is not square. Install the processor with "
+            "diffaccel.apply(pipe, method) so the grid is read from the latent shape."
+        )
+    return (side, side)

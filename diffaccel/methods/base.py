@@ -1,0 +1,230 @@
+"""The attention-method interface, the registry, and validation helpers shared by every method.
+
+A method is a function of ``(q, k, v, layout, ctx)`` with tensors shaped ``(batch, heads, tokens, head_dim)``
+as in :func:`torch.nn.functional.scaled_dot_product_attention`. It holds the paper's algorithm and nothing
+model-specific: the adapter computed q, k, v and the layout, and applies the output projection afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from diffaccel.context import RunContext
+from diffaccel.errors import ConfigError, UnknownMethodError
+from diffaccel.layout import TokenLayout
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's configuration. Subclasses add fields with the paper's defaults and validate them."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the field, the value and what is allowed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@runtime_checkable
+class AttentionMethod(Protocol):
+    """What the processor calls in place of SDPA."""
+
+    name: ClassVar[str]
+    config: MethodConfig
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        ctx: RunContext,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention output, shaped like ``q`` with ``v``'s head_dim, in ``q``'s dtype."""
+        ...
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention exactly as diffusers' stock processors call it (default SDPA scale when ``scale`` is None)."""
+    if scale is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+class MethodBase:
+    """Convenience base: stores a validated config and keeps cross-attention and grid-less calls dense.
+
+    Subclasses implement :meth:`attend` for self/joint attention with a known visual grid.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = build_config(self.config_class, overrides, method=self.name)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+            config.validate()
+        else:
+            config.validate()
+        self.config = config
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        ctx: RunContext,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        if layout.is_cross or not layout.has_grid:
+            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+        return self.attend(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        ctx: RunContext,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: make a method available by ``cls.name`` to :func:`get_method` and the CLI."""
+    name = getattr(cls, "name", "")
+    if not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of the registered (implemented) methods, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type:
+    _load_builtin_methods()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **config: Any) -> AttentionMethod:
+    """Instantiate the registered method ``name`` with its config fields given as keywords (validated)."""
+    return method_class(name)(**config)
+
+
+def method_parameters(name: str) -> list[tuple[str, str, Any, str]]:
+    """``(field, type, default, help)`` for each config field of method ``name`` (for ``diffaccel methods``)."""
+    cls = method_class(name)
+    rows = []
+    for f in fields(cls.config_class):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        rows.append((f.name, str(f.type), default, f.metadata.get("help", "")))
+    return rows
+
+
+def build_config(config_class: type[MethodConfig], values: dict[str, Any], *, method: str = "") -> MethodConfig:
+    """Build and validate ``config_class`` from keywords; an unknown keyword names the allowed ones."""
+    allowed = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(unknown)} for method {method or config_class.__name__!r}; "
+            f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
+        )
+    config = config_class(**values)
+    config.validate()
+    return config
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_methods() -> None:
+    """Import diffaccel.methods so every built-in method registers itself."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import diffaccel.methods  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_density(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < float(value) <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_backend(value: str) -> None:
+    check_choice("backend", value, BACKENDS)
+
+
+BACKENDS = ("auto", "triton", "reference")
+"""Kernel backends a method may be asked for: ``auto`` picks Triton on CUDA (or under TRITON_INTERPRET=1) and
+the PyTorch reference otherwise (with a one-time warning); ``reference`` forces the plain PyTorch path."""
+
+
+def in_dense_steps(ctx: RunContext, dense_steps: int) -> bool:
+    """True during the first ``dense_steps`` denoising steps, which methods with a dense warm-up keep exact."""
+    return ctx.step < dense_steps
+
+
+def config_help(text: str) -> dict[str, str]:
+    """Field metadata carrying the help text that ``diffaccel methods`` prints."""
+    return {"help": text}

@@ -1,0 +1,222 @@
+"""The adapter interface: model code around the attention call, one adapter per stock diffusers processor.
+
+An adapter reproduces its stock processor exactly, split at the attention call: :meth:`Adapter.project`
+computes q, k, v (projections, QK-norm, RoPE, text/image concatenation) and the :class:`TokenLayout`;
+:meth:`Adapter.finish` applies the output projections and splits the streams. Between the two, the method
+computes attention. With the ``dense`` method the result equals the stock processor's.
+
+Adapters are registered by the class name of the stock processor they reproduce. A denoiser family (model
+class) registers how its forward inputs give the latent grid and the text length (:class:`ModelFamily`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from diffaccel.context import RunContext
+from diffaccel.errors import LayoutError, UnsupportedModelError
+from diffaccel.layout import Grid, TokenLayout, downsampled_grid, square_grid
+
+
+@dataclass
+class AttentionCall:
+    """The arguments a diffusers attention module passed to its processor."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    image_rotary_emb: Any = None
+    temb: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Projected:
+    """What :meth:`Adapter.project` hands the method, plus what :meth:`Adapter.finish` needs back."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: TokenLayout
+    attn_mask: torch.Tensor | None = None
+    scale: float | None = None
+    carry: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter:
+    """Base class of adapters. Subclasses set ``family`` and ``stock_processors`` and implement both halves."""
+
+    family: ClassVar[str] = ""
+    stock_processors: ClassVar[tuple[str, ...]] = ()
+
+    def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
+        raise NotImplementedError
+
+    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A denoiser class whose forward inputs tell the latent token grid and the text length.
+
+    ``read_inputs(model, args)`` receives the denoiser and its forward arguments bound by name and returns
+    ``(grid, text_len)``; ``text_len`` is ``None`` for models without joint text tokens.
+    """
+
+    name: str
+    model_classes: tuple[str, ...]
+    read_inputs: Callable[[torch.nn.Module, dict[str, Any]], tuple[Grid | None, int | None]]
+    description: str = ""
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+_FAMILIES: dict[str, ModelFamily] = {}
+_GENERIC_INFERENCE: list[tuple[int, Callable[[torch.nn.Module, AttentionCall], str | None]]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: route every stock processor named in ``cls.stock_processors`` to an instance of ``cls``."""
+    instance = cls()
+    for name in cls.stock_processors:
+        _ADAPTERS[name] = instance
+    return cls
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    for cls_name in family.model_classes:
+        _FAMILIES[cls_name] = family
+    return family
+
+
+def register_processor_inference(priority: int = 0):
+    """Decorator registering a rule ``fn(attn, call) -> processor name | None`` for generic ``Attention`` modules.
+
+    Used only when a processor was installed with a bare ``set_attn_processor`` (so the stock one is gone);
+    :func:`diffaccel.apply` records the stock processor and needs no guess. Rules run by descending priority;
+    the first that answers wins.
+    """
+
+    def decorate(fn: Callable[[torch.nn.Module, AttentionCall], str | None]):
+        _GENERIC_INFERENCE.append((priority, fn))
+        _GENERIC_INFERENCE.sort(key=lambda item: -item[0])
+        return fn
+
+    return decorate
+
+
+def supported_processors() -> list[str]:
+    _load_builtin_adapters()
+    return sorted(_ADAPTERS)
+
+
+def supported_families() -> dict[str, ModelFamily]:
+    _load_builtin_adapters()
+    return dict(_FAMILIES)
+
+
+def family_of(model: torch.nn.Module) -> ModelFamily:
+    """The registered family of a denoiser, by class name (walking base classes); a clear error otherwise."""
+    _load_builtin_adapters()
+    for cls in type(model).__mro__:
+        if cls.__name__ in _FAMILIES:
+            return _FAMILIES[cls.__name__]
+    names = ", ".join(sorted(f"{c} ({f.name})" for c, f in _FAMILIES.items()))
+    raise UnsupportedModelError(
+        f"model class {type(model).__name__} has no diffaccel adapter; supported denoisers: {names}"
+    )
+
+
+def stock_processor_name(attn: torch.nn.Module, call: AttentionCall | None = None) -> str:
+    """Class name of the processor that diffusers would run on ``attn``."""
+    stock = getattr(attn, "_diffaccel_stock_processor", None)
+    if stock is not None:
+        return type(stock).__name__
+    default_cls = getattr(attn, "_default_processor_cls", None)
+    if default_cls is not None:
+        return default_cls.__name__
+    _load_builtin_adapters()
+    for _, rule in _GENERIC_INFERENCE:
+        name = rule(attn, call)
+        if name is not None:
+            return name
+    raise UnsupportedModelError(
+        f"cannot tell which diffusers processor {type(attn).__name__} normally runs; install diffaccel with "
+        "diffaccel.apply(pipe_or_model, method), which records it"
+    )
+
+
+def adapter_for(attn: torch.nn.Module, call: AttentionCall | None = None) -> Adapter:
+    """The adapter that reproduces ``attn``'s stock processor (cached on the module)."""
+    cached = attn.__dict__.get("_diffaccel_adapter")
+    if cached is not None:
+        return cached
+    _load_builtin_adapters()
+    name = stock_processor_name(attn, call)
+    if name not in _ADAPTERS:
+        raise UnsupportedModelError(
+            f"attention processor {name} (module {type(attn).__name__}) has no diffaccel adapter; supported "
+            f"processors: {', '.join(sorted(_ADAPTERS))}"
+        )
+    adapter = _ADAPTERS[name]
+    attn.__dict__["_diffaccel_adapter"] = adapter
+    return adapter
+
+
+def resolve_grid(ctx: RunContext, num_visual: int, *, allow_downsample: bool = False, video: bool = False) -> Grid:
+    """The visual grid of a call with ``num_visual`` visual tokens.
+
+    Read from the run context when :func:`diffaccel.apply` installed its hook; UNet levels take the latent
+    grid halved (``allow_downsample``). Without a context a square image grid is inferred; video grids cannot
+    be inferred and raise.
+    """
+    if ctx.grid is not None:
+        if math.prod(ctx.grid) == num_visual:
+            return ctx.grid
+        if allow_downsample:
+            grid = downsampled_grid(ctx.grid, num_visual)
+            if grid is not None:
+                return grid
+        raise LayoutError(
+            f"the call has {num_visual} visual tokens but the latent grid {ctx.grid} holds {math.prod(ctx.grid)}"
+        )
+    if video:
+        raise LayoutError(
+            "the video grid (frames, height, width) cannot be inferred from a token count; install the processor "
+            "with diffaccel.apply(pipe, method), which reads it from the latent shape"
+        )
+    return square_grid(num_visual)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(batch, tokens, heads * head_dim)`` to ``(batch, heads, tokens, head_dim)``."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, tokens, head_dim)`` to ``(batch, tokens, heads * head_dim)``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def bind_forward_args(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The denoiser's forward arguments by name (positional ones included)."""
+    sig = inspect.signature(model.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_adapters() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import diffaccel.pipelines.adapters  # noqa: F401

@@ -1,0 +1,146 @@
+"""Install and remove diffaccel on a pipeline or a denoiser: processors, stock-processor records, the run hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from diffaccel.context import RunContext
+from diffaccel.errors import UnsupportedModelError
+from diffaccel.methods.base import AttentionMethod
+from diffaccel.pipelines.adapters.base import adapter_for, bind_forward_args, family_of
+from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
+"""Pipeline attributes that hold denoisers (Wan 2.2 has two transformers)."""
+
+
+@dataclass
+class Installation:
+    """What :func:`apply` changed on one denoiser, so :func:`remove` can undo it."""
+
+    processor: DiffAccelAttnProcessor
+    stock: dict[str, Any]
+    hook: Any
+    extra_hooks: list[Any] = field(default_factory=list)
+
+
+def denoisers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """The denoisers of a pipeline, or the model itself."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [pipe_or_model]
+    found = [getattr(pipe_or_model, a) for a in DENOISER_ATTRIBUTES if getattr(pipe_or_model, a, None) is not None]
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(pipe_or_model).__name__} has no denoiser (looked for attributes {', '.join(DENOISER_ATTRIBUTES)}); "
+            "pass a diffusers pipeline or a transformer/UNet model"
+        )
+    return found
+
+
+def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every module of ``model`` that runs a diffusers attention processor, by qualified name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    }
+
+
+def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProcessor = "dense", **config: Any) -> DiffAccelAttnProcessor:
+    """Replace the attention of a pipeline's denoisers (or of one model) with ``method``.
+
+    Records the stock processors (so :func:`remove` restores them and adapters know the exact model code to
+    reproduce) and installs a forward pre-hook that fills the :class:`RunContext` with the latent grid, the
+    text length and the denoising step. Calling it again replaces the previous method.
+
+    Args:
+        pipe_or_model: a diffusers pipeline, or a transformer / UNet model.
+        method: a registered method name, a method instance, or a :class:`DiffAccelAttnProcessor`.
+        **config: the method's parameters when ``method`` is a name.
+
+    Returns:
+        The processor installed on every attention module.
+    """
+    models = denoisers_of(pipe_or_model)
+    for model in models:
+        family_of(model)  # unsupported families fail before anything changes
+    remove(pipe_or_model)
+    if isinstance(method, DiffAccelAttnProcessor):
+        if config:
+            raise TypeError("config keywords cannot be combined with a processor instance")
+        processor = method
+    else:
+        processor = DiffAccelAttnProcessor(method, **config)
+    ctx = processor.context
+    scheduler = getattr(pipe_or_model, "scheduler", None)
+    if scheduler is not None:
+        ctx.num_steps_fn = lambda: _scheduler_steps(scheduler)
+    for model in models:
+        modules = attention_modules(model)
+        stock = {}
+        for name, module in modules.items():
+            stock[name] = module.processor
+            module.__dict__["_diffaccel_stock_processor"] = module.processor
+            module.__dict__["_diffaccel_name"] = name
+            module.__dict__.pop("_diffaccel_adapter", None)
+        for module in modules.values():
+            adapter_for(module)  # every module must be supported before any processor is swapped
+        for module in modules.values():
+            module.set_processor(processor)
+        hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
+        model.__dict__["_diffaccel_installation"] = Installation(processor=processor, stock=stock, hook=hook)
+    return processor
+
+
+def remove(pipe_or_model: Any) -> None:
+    """Restore the stock processors and remove the hooks that :func:`apply` installed (no-op if none)."""
+    for model in denoisers_of(pipe_or_model):
+        inst: Installation | None = model.__dict__.pop("_diffaccel_installation", None)
+        if inst is None:
+            continue
+        modules = attention_modules(model)
+        for name, processor in inst.stock.items():
+            module = modules.get(name)
+            if module is None:
+                continue
+            module.set_processor(processor)
+            for key in ("_diffaccel_stock_processor", "_diffaccel_adapter"):
+                module.__dict__.pop(key, None)
+        inst.hook.remove()
+        for h in inst.extra_hooks:
+            h.remove()
+
+
+def installed_processor(model: torch.nn.Module) -> DiffAccelAttnProcessor | None:
+    inst = model.__dict__.get("_diffaccel_installation")
+    return None if inst is None else inst.processor
+
+
+def _context_hook(model: torch.nn.Module, ctx: RunContext) -> Callable:
+    family = family_of(model)
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        bound = bind_forward_args(module, args, kwargs)
+        grid, text_len = family.read_inputs(module, bound)
+        ctx.begin_denoiser_call(grid, text_len, _timestep_value(bound.get("timestep")))
+
+    return hook
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    return float(timestep)
+
+
+def _scheduler_steps(scheduler: Any) -> int | None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return None
+    order = int(getattr(scheduler, "order", 1) or 1)
+    return len(timesteps) // order

@@ -1,0 +1,89 @@
+"""``DiffAccelAttnProcessor``: a diffusers attention processor that runs a diffaccel method.
+
+One instance can serve every attention module of a model: the adapter is chosen per module from the stock
+processor it replaces, and per-layer method state is keyed by the module's qualified name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffaccel.context import RunContext
+from diffaccel.methods.base import AttentionMethod, get_method
+from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
+
+
+def resolve_method(method: AttentionMethod | str, config: dict[str, Any]) -> AttentionMethod:
+    """A method instance from a registered name plus config keywords, or the instance itself."""
+    if isinstance(method, str):
+        return get_method(method, **config)
+    if config:
+        raise TypeError(
+            f"config keywords {sorted(config)} were given with a method instance; pass a method name instead, "
+            "or configure the instance"
+        )
+    if not callable(method) or not hasattr(method, "config"):
+        raise TypeError(f"method must be a registered name or an AttentionMethod instance, got {type(method).__name__}")
+    return method
+
+
+class DiffAccelAttnProcessor:
+    """Attention processor for any supported diffusers attention module.
+
+    Example::
+
+        pipe.transformer.set_attn_processor(DiffAccelAttnProcessor("dense"))
+        diffaccel.apply(pipe, "dense")   # also records the latent grid and the step for methods that need them
+
+    Args:
+        method: a registered method name or an :class:`~diffaccel.methods.base.AttentionMethod` instance.
+        context: the run context the pipeline hook fills; a fresh one (no grid, step 0) when omitted.
+        **config: the method's configuration fields when ``method`` is a name.
+    """
+
+    def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
+        self.method = resolve_method(method, config)
+        self.context = context if context is not None else RunContext()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        rotary_emb: Any = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        call = AttentionCall(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            image_rotary_emb=image_rotary_emb if image_rotary_emb is not None else rotary_emb,
+            temb=temb,
+            extra=kwargs,
+        )
+        adapter = adapter_for(attn, call)
+        ctx = self.context
+        ctx.layer = layer_name(attn)
+        projected = adapter.project(attn, call, ctx)
+        out = self.method(
+            projected.q, projected.k, projected.v, projected.layout, ctx,
+            attn_mask=projected.attn_mask, scale=projected.scale,
+        )
+        return adapter.finish(attn, out, projected)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.method!r})"
+
+
+def layer_name(attn: torch.nn.Module) -> str:
+    """The qualified name :func:`diffaccel.apply` recorded, else a stable per-module name for this process."""
+    name = attn.__dict__.get("_diffaccel_name")
+    if name is None:
+        name = f"{type(attn).__name__}@{id(attn):x}"
+        attn.__dict__["_diffaccel_name"] = name
+    return name
