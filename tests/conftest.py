@@ -1,13 +1,18 @@
-"""Test setup: Triton's interpreter on CPU (set before diffaccel.kernels is imported), offline hubs, seeds."""
+"""Test setup: Triton's interpreter on CPU (set before diffaccel.kernels is imported), offline hubs, seeds.
+
+On a CUDA machine the kernels run compiled (unset TRITON_INTERPRET or set it to 0 there).
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
