@@ -23,7 +23,7 @@ class RunContext:
         timestep: the timestep value the denoiser was called with.
         num_steps: number of steps of the run, when the pipeline's scheduler tells it; else ``None``.
         layer: qualified name of the attention module being run (``transformer_blocks.3.attn``).
-        denoiser_calls: number of denoiser forwards seen so far.
+        denoiser_calls: number of denoiser forwards seen so far (0 means no hook has run).
     """
 
     grid: tuple[int, ...] | None = None
@@ -33,6 +33,9 @@ class RunContext:
     num_steps: int | None = None
     layer: str | None = None
     denoiser_calls: int = 0
+    joint_text_len: int | None = None
+    """Text length of the last dual-stream joint call (FLUX), for single-stream calls when no hook set text_len."""
+    perturbed_rows: slice | None = None  # batch rows of the perturbed guidance branch (SoftPAG); set by pipelines/guidance.py
     num_steps_fn: Callable[[], int | None] | None = field(default=None, repr=False, compare=False)
 
     def begin_denoiser_call(

@@ -46,6 +46,9 @@ class TokenLayout:
                 raise LayoutError(f"grid must be 1 to 3 positive sizes, got {self.grid}")
             object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
         if self.text is not None:
+            for bound in (self.text.start, self.text.stop):
+                if bound is not None and not -self.num_tokens <= bound <= self.num_tokens:
+                    raise LayoutError(f"text {self.text} lies outside the {self.num_tokens} tokens")
             start, stop, step = self.text.indices(self.num_tokens)
             if step != 1 or stop < start:
                 raise LayoutError(f"text must be a contiguous slice, got {self.text}")

@@ -10,7 +10,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod
-from diffaccel.pipelines.adapters.base import adapter_for, bind_forward_args, family_of
+from diffaccel.pipelines.adapters.base import adapter_for, bind_forward_args, family_of, mark_text_only
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
 
 DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
@@ -67,18 +67,20 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     models = denoisers_of(pipe_or_model)
     for model in models:
         family_of(model)  # unsupported families fail before anything changes
-    remove(pipe_or_model)
     if isinstance(method, DiffAccelAttnProcessor):
         if config:
             raise TypeError("config keywords cannot be combined with a processor instance")
         processor = method
     else:
         processor = DiffAccelAttnProcessor(method, **config)
+    remove(pipe_or_model)
     ctx = processor.context
     scheduler = getattr(pipe_or_model, "scheduler", None)
     if scheduler is not None:
         ctx.num_steps_fn = lambda: _scheduler_steps(scheduler)
     for model in models:
+        for prefix in family_of(model).text_only_modules:
+            mark_text_only(model.get_submodule(prefix))
         modules = attention_modules(model)
         stock = {}
         for name, module in modules.items():
@@ -134,7 +136,8 @@ def _timestep_value(timestep: Any) -> float | None:
     if timestep is None:
         return None
     if isinstance(timestep, torch.Tensor):
-        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        # per-token timesteps (Wan 2.2 TI2V, LTX conditioning) are 0 on clean frames: the noise level is the max
+        return float(timestep.max()) if timestep.numel() else None
     return float(timestep)
 
 

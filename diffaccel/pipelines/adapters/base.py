@@ -73,6 +73,8 @@ class ModelFamily:
     model_classes: tuple[str, ...]
     read_inputs: Callable[[torch.nn.Module, dict[str, Any]], tuple[Grid | None, int | None]]
     description: str = ""
+    text_only_modules: tuple[str, ...] = ()
+    """Qualified names of submodules whose attention sees text tokens only (no grid: kept dense)."""
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -191,6 +193,43 @@ def resolve_grid(ctx: RunContext, num_visual: int, *, allow_downsample: bool = F
             "with diffaccel.apply(pipe, method), which reads it from the latent shape"
         )
     return square_grid(num_visual)
+
+
+def patchified_video_grid(
+    latents: torch.Tensor, patch: tuple[int, int, int], *, frames_dim: int, model: str
+) -> tuple[int, int, int]:
+    """Token grid ``(F, H, W)`` of a 5-D video latent after ``patch = (p_t, p_h, p_w)`` patchifying.
+
+    ``frames_dim`` is 2 for ``(B, C, F, H, W)`` latents (Wan, HunyuanVideo) and 1 for ``(B, F, C, H, W)``
+    (CogVideoX); height and width are always the last two dimensions.
+    """
+    if latents.ndim != 5:
+        raise LayoutError(
+            f"{model} takes a 5-D video latent hidden_states, got shape {tuple(latents.shape)}"
+        )
+    sizes = (latents.shape[frames_dim], latents.shape[-2], latents.shape[-1])
+    return tuple(int(s) // int(p) for s, p in zip(sizes, patch))  # type: ignore[return-value]
+
+
+_TEXT_ONLY = "_diffaccel_text_only"
+
+
+def mark_text_only(module: torch.nn.Module) -> None:
+    """Record that every attention module inside ``module`` attends over text tokens only.
+
+    Some denoisers run attention on the text stream alone before the joint blocks (HunyuanVideo's token
+    refiner runs ``AttnProcessor2_0`` on the prompt tokens); such calls have no visual grid. A family names
+    these submodules in ``ModelFamily.text_only_modules``, :func:`diffaccel.apply` marks them, and adapters that
+    otherwise resolve a grid for every self-attention call keep them grid-less, hence dense.
+    """
+    for sub in module.modules():
+        if hasattr(sub, "set_processor") and hasattr(sub, "processor"):
+            sub.__dict__[_TEXT_ONLY] = True
+
+
+def is_text_only(attn: torch.nn.Module) -> bool:
+    """True when :func:`mark_text_only` marked ``attn`` as attending over text tokens only."""
+    return bool(attn.__dict__.get(_TEXT_ONLY, False))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    is_text_only,
     register_adapter,
     register_family,
     register_processor_inference,
@@ -76,6 +77,9 @@ class UNetAttentionAdapter(Adapter):
         num_tokens = query.shape[2]
         if is_cross:
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
+        elif is_text_only(attn):
+            # a text-only self-attention (HunyuanVideo's token refiner): no visual grid, so methods keep it dense
+            layout = TokenLayout(num_tokens=num_tokens, grid=None, text=slice(0, num_tokens))
         elif shape4d is not None:
             layout = TokenLayout(num_tokens=num_tokens, grid=(shape4d[2], shape4d[3]))
         else:
@@ -118,6 +122,8 @@ def _plain_attention(attn: torch.nn.Module, call: AttentionCall) -> str | None:
     """Last rule: a generic ``Attention`` with no joint-text projections runs ``AttnProcessor2_0`` (UNets)."""
     if type(attn).__name__ != "Attention":
         return None
+    if getattr(attn, "pre_only", False) or (call is not None and call.image_rotary_emb is not None):
+        return None  # AttnProcessor2_0 never takes RoPE and needs to_out
     if getattr(attn, "added_kv_proj_dim", None) is None and getattr(attn, "context_pre_only", None) is None:
         return "AttnProcessor2_0"
     return None

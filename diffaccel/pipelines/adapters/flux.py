@@ -1,0 +1,181 @@
+"""FLUX.1 attention (``FluxAttention`` with ``FluxAttnProcessor``): double- and single-stream blocks.
+
+Double-stream blocks project text with their own (``add_*``) projections and put the text tokens first;
+single-stream blocks receive text and image already concatenated (text first) and have no output projection
+(``pre_only``). RoPE covers the whole text+image sequence. Mirrors
+``diffusers.models.transformers.transformer_flux.FluxAttnProcessor``, unfused and fused projections.
+
+Black Forest Labs, FLUX.1 (2024), https://github.com/black-forest-labs/flux.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from diffaccel.context import RunContext
+from diffaccel.errors import LayoutError
+from diffaccel.layout import TokenLayout
+from diffaccel.pipelines.adapters.base import (
+    Adapter,
+    AttentionCall,
+    ModelFamily,
+    Projected,
+    merge_heads,
+    register_adapter,
+    register_family,
+    resolve_grid,
+)
+
+JOINT_TEXT_LEN = "joint_text_len"
+"""RunContext attribute where double-stream calls record their text length for the single-stream calls after them
+(needed only without the :func:`diffaccel.apply` hook, which sets ``ctx.text_len``)."""
+
+
+@register_adapter
+class FluxAttentionAdapter(Adapter):
+    """``FluxAttnProcessor``: per-head RMS QK-norm, ``[text, image]`` concatenation, RoPE over the whole sequence."""
+
+    family = "flux"
+    stock_processors = ("FluxAttnProcessor",)
+
+    def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
+        hidden_states = call.hidden_states
+        encoder_hidden_states = call.encoder_hidden_states
+        double_stream = attn.added_kv_proj_dim is not None
+        if double_stream != (encoder_hidden_states is not None):
+            raise LayoutError(
+                f"FluxAttention {'with' if double_stream else 'without'} text projections (added_kv_proj_dim="
+                f"{attn.added_kv_proj_dim}) was called {'without' if double_stream else 'with'} "
+                "encoder_hidden_states; FluxAttnProcessor supports double-stream calls with text and single-stream "
+                "calls without"
+            )
+
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # (batch, tokens, heads, head_dim) as the stock processor works in, until the method call.
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if double_stream:
+            if getattr(attn, "fused_projections", False):
+                text_query, text_key, text_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                text_query = attn.add_q_proj(encoder_hidden_states)
+                text_key = attn.add_k_proj(encoder_hidden_states)
+                text_value = attn.add_v_proj(encoder_hidden_states)
+            text_query, text_key, text_value = (
+                t.unflatten(-1, (-1, attn.head_dim)) for t in (text_query, text_key, text_value)
+            )
+            text_query = attn.norm_added_q(text_query)
+            text_key = attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+
+        if call.image_rotary_emb is not None:
+            query = apply_rotary_emb(query, call.image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, call.image_rotary_emb, sequence_dim=1)
+
+        num_tokens = query.shape[1]
+        if double_stream:
+            num_text = encoder_hidden_states.shape[1]
+            setattr(ctx, JOINT_TEXT_LEN, num_text)
+        else:
+            num_text = _single_stream_text_len(ctx, num_tokens)
+        layout = TokenLayout(
+            num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens - num_text), text=slice(0, num_text)
+        )
+
+        attn_mask = call.attention_mask
+        # diffusers' native attention backend widens a (batch, keys) mask to (batch, 1, 1, keys).
+        if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]
+
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        return Projected(
+            query, key, value, layout, attn_mask=attn_mask,
+            carry={"num_text": num_text if double_stream else None, "dtype": query.dtype},
+        )
+
+    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
+        carry = projected.carry
+        hidden_states = merge_heads(out).to(carry["dtype"])
+        num_text = carry["num_text"]
+        if num_text is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [num_text, hidden_states.shape[1] - num_text], dim=1
+        )
+        hidden_states = attn.to_out[0](hidden_states.contiguous())
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+
+
+def _single_stream_text_len(ctx: RunContext, num_tokens: int) -> int:
+    """Text tokens at the front of a single-stream call: from the hook, else from the last double-stream call."""
+    text_len = ctx.text_len if ctx.text_len is not None else getattr(ctx, JOINT_TEXT_LEN, None)
+    if text_len is None:
+        raise LayoutError(
+            f"cannot tell how many of the {num_tokens} tokens of a FLUX single-stream attention call are text: no "
+            "double-stream block ran before it and no text length was recorded. Install the processor with "
+            "diffaccel.apply(pipe, method), which reads it from encoder_hidden_states"
+        )
+    if not 0 <= text_len < num_tokens:
+        raise LayoutError(
+            f"FLUX single-stream attention call has {num_tokens} tokens but the text length is {text_len}"
+        )
+    return int(text_len)
+
+
+def flux_grid(img_ids: torch.Tensor, num_visual: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` latent grid that FLUX's image position ids describe, row-major like the packed latents.
+
+    ``img_ids`` is ``(tokens, 3)`` (or the deprecated ``(batch, tokens, 3)``) with the row index in column 1 and
+    the column index in column 2, as ``FluxPipeline._prepare_latent_image_ids`` builds it.
+    """
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.ndim != 2 or ids.shape[-1] < 3:
+        raise LayoutError(f"img_ids must be shaped (tokens, 3) or (batch, tokens, 3), got {tuple(img_ids.shape)}")
+    if ids.shape[0] != num_visual:
+        raise LayoutError(f"img_ids has {ids.shape[0]} positions but hidden_states has {num_visual} image tokens")
+    rows = int(torch.unique(ids[:, 1]).numel())
+    cols = int(torch.unique(ids[:, 2]).numel())
+    if rows * cols != num_visual:
+        raise LayoutError(
+            f"img_ids do not form one image grid: {rows} distinct rows x {cols} distinct columns != {num_visual} "
+            "tokens (several images in one sequence, as FLUX Kontext's reference latents, are not supported)"
+        )
+    row_ids, col_ids = ids[:, 1].reshape(rows, cols), ids[:, 2].reshape(rows, cols)
+    row_major = torch.equal(row_ids, row_ids[:, :1].expand_as(row_ids)) and torch.equal(
+        col_ids, col_ids[:1].expand_as(col_ids)
+    )
+    if not row_major:
+        raise LayoutError("img_ids are not in row-major order (rows in column 1, columns in column 2)")
+    return rows, cols
+
+
+def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int], int | None]:
+    img_ids = args.get("img_ids")
+    if img_ids is None:
+        raise LayoutError("the FLUX transformer was called without img_ids; they give the latent grid")
+    grid = flux_grid(img_ids, int(args["hidden_states"].shape[1]))
+    encoder_hidden_states = args.get("encoder_hidden_states")
+    text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
+    return grid, text_len
+
+
+register_family(
+    ModelFamily(
+        name="flux",
+        model_classes=("FluxTransformer2DModel",),
+        read_inputs=_read_flux_inputs,
+        description="FLUX.1 (double-stream joint attention and single-stream blocks, text tokens first)",
+    )
+)
