@@ -1,12 +1,5 @@
-"""Adapters, one module per diffusers attention family. Importing this package registers all of them."""
+"""Adapters, one module per diffusers attention family, registered on first use (``adapters.builtin``)."""
 
-from diffaccel.pipelines.adapters import unet  # noqa: F401
-from diffaccel.pipelines.adapters import sd3  # noqa: F401
-from diffaccel.pipelines.adapters import flux  # noqa: F401
-from diffaccel.pipelines.adapters import wan  # noqa: F401
-from diffaccel.pipelines.adapters import hunyuan_video  # noqa: F401
-from diffaccel.pipelines.adapters import cogvideox  # noqa: F401
-from diffaccel.pipelines.adapters import ltx  # noqa: F401
 from diffaccel.pipelines.adapters.base import (
     Adapter,
     AttentionCall,

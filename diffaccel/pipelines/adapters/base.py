@@ -258,4 +258,4 @@ def _load_builtin_adapters() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        import diffaccel.pipelines.adapters  # noqa: F401
+        import diffaccel.pipelines.adapters.builtin  # noqa: F401

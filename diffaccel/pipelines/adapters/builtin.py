@@ -1,0 +1,4 @@
+"""Registers every built-in adapter and denoiser family. Imported on first use, so `import diffaccel` (and
+`diffaccel.kernels`) does not import diffusers."""
+
+from diffaccel.pipelines.adapters import cogvideox, flux, hunyuan_video, ltx, sd3, unet, wan  # noqa: F401
