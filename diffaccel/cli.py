@@ -1,0 +1,170 @@
+"""The ``diffaccel`` command line: ``generate``, ``methods``, ``models``, ``bench``.
+
+User errors (unknown method or model, a bad size or parameter) print one line ``error: ...`` on stderr and
+exit with code 2. Library warnings from diffusers/transformers are reduced to errors unless
+``DIFFACCEL_VERBOSE=1`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffaccel.bench.cli import bench_app
+from diffaccel.errors import DiffAccelError
+
+app = typer.Typer(
+    name="diffaccel",
+    help="Accelerated attention for diffusers pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@app.command()
+def generate(
+    method: Annotated[str, typer.Option("--method", "-m", help="Attention method (see `diffaccel methods`).")],
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Tiny pipeline name, Hub id or local folder. Default: tiny-flux without CUDA, "
+                     "black-forest-labs/FLUX.1-dev with CUDA."),
+    ] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
+    height: Annotated[Optional[int], typer.Option(min=1, help="Height in pixels (default: the model's).")] = None,
+    width: Annotated[Optional[int], typer.Option(min=1, help="Width in pixels (default: the model's).")] = None,
+    frames: Annotated[Optional[int], typer.Option(min=1, help="Video frames (video models; Wan: 4k+1).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial noise (the same for both runs).")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Method parameter key=value (repeatable), e.g. --set density=0.25."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Keep models on the CPU until each runs (CUDA).")] = False,
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also run dense with the same seed.")] = True,
+    warmup: Annotated[
+        Optional[int], typer.Option(min=0, help="Untimed calls before each timed one (default 1).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per run (the table shows medians).")] = 1,
+) -> None:
+    """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
+    from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table
+
+    options = GenerateOptions(
+        method=method,
+        params=parse_method_params(set_),
+        model=model,
+        prompt=DEFAULT_PROMPT if prompt is None else prompt,
+        steps=steps,
+        height=height,
+        width=width,
+        frames=frames,
+        seed=seed,
+        out=out,
+        dtype=dtype,
+        device=device,
+        cpu_offload=cpu_offload,
+        compare=compare,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    console = Console()
+    result = run_generate(options)
+    console.print(results_table(result))
+    if result.video is not None:
+        how = "mp4" if result.video.format == "mp4" else f"GIF ({result.video.note})"
+        console.print(f"video ({how}): {result.output_path}")
+    else:
+        console.print(f"image: {result.output_path}")
+    if result.side_by_side_path is not None:
+        console.print(f"side by side (dense | {result.method}): {result.side_by_side_path}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered attention methods and their parameters with defaults."""
+    from diffaccel.methods.base import list_methods, method_class, method_parameters
+
+    table = Table(title="diffaccel methods (set parameters with --set key=value)")
+    for column in ("method", "parameter"):
+        table.add_column(column, no_wrap=True)
+    for column in ("type", "default", "description"):
+        table.add_column(column)
+    for name in list_methods():
+        doc = (method_class(name).__doc__ or "").strip().splitlines()
+        rows = method_parameters(name)
+        if not rows:
+            table.add_row(name, "(none)", "", "", doc[0] if doc else "")
+        for i, (field, type_name, default, help_text) in enumerate(rows):
+            table.add_row(name if i == 0 else "", field, type_name, repr(default), help_text)
+    Console().print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the tiny offline pipelines (any diffusers Hub id or saved folder is accepted too)."""
+    from diffaccel.pipelines.tiny import TINY_PIPELINES
+
+    table = Table(title="tiny offline pipelines (random weights; --model NAME)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("defaults")
+    table.add_column("pipeline and model")
+    for spec in TINY_PIPELINES.values():
+        size = f"{spec.width}x{spec.height}" + (f"x{spec.frames}f" if spec.frames else "") + f", {spec.steps} steps"
+        table.add_row(spec.name, size, f"{spec.pipeline_class}: {spec.description}")
+    Console().print(table)
+
+
+def _quiet_libraries() -> None:
+    """Reduce diffusers/transformers logging to errors, so that warnings do not bury diffaccel's own output."""
+    if os.environ.get("DIFFACCEL_VERBOSE", "") not in ("", "0"):
+        return
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.set_verbosity_error()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _click_errors() -> tuple[type[Exception], type[Exception] | None]:
+    """``ClickException`` and ``NoArgsIsHelpError`` of the click that typer runs on (recent typer vendors one)."""
+    base = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return base, getattr(sys.modules[base.__module__], "NoArgsIsHelpError", None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app; a user error becomes one ``error: ...`` line on stderr and exit code 2."""
+    _quiet_libraries()
+    click_error, no_args_error = _click_errors()
+    try:
+        code = app(args=argv, prog_name="diffaccel", standalone_mode=False)
+    except DiffAccelError as exc:
+        _fail(str(exc))
+    except typer.Abort:
+        _fail("aborted", 130)
+    except click_error as exc:  # usage errors, bad parameter values; bare `diffaccel` asks for the help
+        if no_args_error is not None and isinstance(exc, no_args_error) and getattr(exc, "ctx", None) is not None:
+            print(exc.ctx.get_help())
+            raise SystemExit(0) from None
+        _fail(exc.format_message(), getattr(exc, "exit_code", 2))
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""``diffaccel generate``: run a method on a pipeline, and dense with the same seed, then time and compare them.
+
+The dense baseline is the pipeline with its stock diffusers processors (PyTorch SDPA), so the speedup and the
+PSNR/SSIM are against exactly what users run today. Both runs draw their latents from a CPU generator seeded
+with the same seed, so they start from the same noise on any device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffaccel.errors import ConfigError
+from diffaccel.eval.fidelity import Fidelity, compare
+from diffaccel.eval.media import WrittenVideo, save_image, save_side_by_side, save_video
+from diffaccel.methods.base import AttentionMethod, get_method
+from diffaccel.pipelines.hooks import apply, denoisers_of, remove
+from diffaccel.pipelines.loading import load_pipeline, resolve_device, resolve_dtype
+from diffaccel.pipelines.tiny import is_tiny, tiny_spec
+
+DEFAULT_PROMPT = "a red fox in a snowy forest at golden hour, detailed fur"
+DEFAULT_TINY_MODEL = "tiny-flux"
+DEFAULT_CUDA_MODEL = "black-forest-labs/FLUX.1-dev"
+"""The default model: FLUX.1-dev on a CUDA machine (gated on the Hub: accept its license and log in first),
+the tiny offline FLUX pipeline elsewhere."""
+
+VIDEO_FPS = {"Wan": 16, "CogVideoX": 8, "LTX": 24, "HunyuanVideo": 24}
+"""Frame rates of the video families' checkpoints, by pipeline class-name prefix (16 otherwise)."""
+
+
+def default_model() -> str:
+    return DEFAULT_CUDA_MODEL if torch.cuda.is_available() else DEFAULT_TINY_MODEL
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, true/false/null, lists), Python's True/False/None, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_method_params(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` to a dict; dashes in keys become underscores (``dense-steps`` = ``dense_steps``)."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--set expects key=value with a parameter name as key, got {item!r}")
+        params[key] = parse_value(value)
+    return params
+
+
+@dataclass
+class GenerateOptions:
+    """What ``diffaccel generate`` was asked for (``None`` sizes and steps take the model's defaults)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    seed: int = 0
+    out: Path = Path("outputs")
+    dtype: str = "auto"
+    device: str = "auto"
+    cpu_offload: bool = False
+    compare: bool = True
+    warmup: int | None = None
+    """Untimed calls before each timed one (default 1: first calls pay one-time costs, on the CPU as well)."""
+    repeats: int = 1
+    """Timed calls per run; the table shows their medians."""
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def _main_denoiser(pipe: Any) -> torch.nn.Module:
+    return denoisers_of(pipe)[0]
+
+
+PIPELINE_SIZE_MULTIPLES = {
+    "StableDiffusionPipeline": 8,
+    "StableDiffusionXLPipeline": 8,
+    "WanPipeline": 16,
+    "HunyuanVideoPipeline": 16,
+    "CogVideoXPipeline": 8,
+    "LTXPipeline": 32,
+}
+"""Multiples that these pipelines' ``check_inputs`` require of height and width whatever the VAE (diffusers 0.42)."""
+
+
+def size_multiple(pipe: Any) -> tuple[int, str]:
+    """The multiple height and width must be of, and why: VAE downsampling x patch size (x 2 where latents are
+    packed 2x2, as FLUX does), and any multiple the pipeline itself requires (:data:`PIPELINE_SIZE_MULTIPLES`)."""
+    spatial = int(
+        getattr(pipe, "vae_scale_factor_spatial", None)
+        or getattr(pipe, "vae_spatial_compression_ratio", None)
+        or getattr(pipe, "vae_scale_factor", None)
+        or 1
+    )
+    patch = getattr(pipe, "transformer_spatial_patch_size", None)
+    if patch is None:
+        patch = getattr(_main_denoiser(pipe).config, "patch_size", None) or 1
+        if isinstance(patch, (list, tuple)):
+            patch = patch[-1]
+    pack = 2 if hasattr(pipe, "_pack_latents") else 1
+    multiple = spatial * int(patch) * pack
+    why = f"VAE downsampling {spatial} x patch size {patch}" + (" x 2x2 latent packing" if pack == 2 else "")
+    required = PIPELINE_SIZE_MULTIPLES.get(type(pipe).__name__)
+    if required is not None and math.lcm(multiple, required) != multiple:
+        multiple = math.lcm(multiple, required)
+        why += f", and {type(pipe).__name__} requires multiples of {required}"
+    return multiple, why
+
+
+def temporal_factor(pipe: Any) -> int | None:
+    """The VAE's temporal compression (frames must be ``factor * k + 1``), or ``None`` for image pipelines."""
+    if not is_video_pipeline(pipe):
+        return None
+    factor = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", None)
+    return int(factor) if factor else 1
+
+
+def check_sizes(pipe: Any, height: int | None, width: int | None, frames: int | None) -> None:
+    """Raise :class:`ConfigError` for a size the pipeline would silently round or reject, before running."""
+    multiple, why = size_multiple(pipe)
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < multiple or value % multiple:
+            raise ConfigError(
+                f"{name} must be a positive multiple of {multiple} for {type(pipe).__name__} ({why}), got {value!r}"
+            )
+    factor = temporal_factor(pipe)
+    if frames is None:
+        return
+    if factor is None:
+        raise ConfigError(f"--frames applies to video pipelines only; {type(pipe).__name__} makes images")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1 or (frames - 1) % factor:
+        raise ConfigError(
+            f"frames must be {factor}k+1 (1, {factor + 1}, {2 * factor + 1}, ...) for {type(pipe).__name__} "
+            f"(the VAE compresses {factor} frames into one), got {frames!r}"
+        )
+
+
+def call_kwargs(pipe: Any, model: str, opts: GenerateOptions) -> dict[str, Any]:
+    """Pipeline keywords: the tiny model's defaults (if tiny), then whatever the options set."""
+    kwargs: dict[str, Any] = tiny_spec(model).call_kwargs() if is_tiny(model) else {}
+    for key, value in (("height", opts.height), ("width", opts.width), ("num_inference_steps", opts.steps)):
+        if value is not None:
+            kwargs[key] = value
+    if opts.frames is not None:
+        kwargs["num_frames"] = opts.frames
+    return kwargs
+
+
+def resolved_steps(pipe: Any, kwargs: dict[str, Any]) -> int | None:
+    if "num_inference_steps" in kwargs:
+        return int(kwargs["num_inference_steps"])
+    default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    return None if default is None or default.default is inspect.Parameter.empty else int(default.default)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of one pipeline call, and of the denoiser forwards inside it."""
+
+    total_s: float
+    denoise_s: float
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so the clock reads when it is done (CPU work is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DenoiserTimer:
+    """Forward hooks that add up the time spent inside the denoisers, synchronizing at each boundary."""
+
+    def __init__(self, pipe: Any, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles = []
+        for model in denoisers_of(pipe):
+            self._handles.append(model.register_forward_pre_hook(self._before))
+            self._handles.append(model.register_forward_hook(self._after))
+
+    def _before(self, module: torch.nn.Module, args: tuple) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def execution_device(pipe: Any) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def run_pipeline(pipe: Any, prompt: str, kwargs: dict[str, Any], seed: int, label: str) -> tuple[torch.Tensor, Timing]:
+    """One pipeline call from a CPU generator seeded with ``seed``: the first output in [0, 1] and its timing.
+
+    Returns an image ``(C, H, W)`` or a video ``(F, C, H, W)``.
+    """
+    device = execution_device(pipe)
+    bar = dict(getattr(pipe, "_progress_bar_config", None) or {})  # keep the caller's settings (disable, ...)
+    pipe.set_progress_bar_config(**{**bar, "desc": label, "leave": False})
+    generator = torch.Generator("cpu").manual_seed(seed)
+    timer = DenoiserTimer(pipe, device)
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        result = pipe(prompt, generator=generator, output_type="pt", **kwargs)
+        synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        timer.close()
+    output = result.frames if hasattr(result, "frames") else result.images
+    return output[0].float().cpu(), Timing(total, timer.seconds)
+
+
+# ----------------------------------------------------------------------------------------------- generate
+
+
+@dataclass
+class RunRecord:
+    """One timed run: its label, timing, and its fidelity against dense (``None`` for dense itself or without it)."""
+
+    label: str
+    timing: Timing
+    fidelity: Fidelity | None = None
+    baseline: bool = False
+
+
+@dataclass
+class GenerateResult:
+    model: str
+    method: str
+    pipeline: str
+    device: str
+    dtype: str
+    is_video: bool
+    size: tuple[int, ...]
+    steps: int | None
+    warmup: int
+    repeats: int
+    runs: list[RunRecord]
+    output_path: Path
+    video: WrittenVideo | None = None
+    side_by_side_path: Path | None = None
+
+    @property
+    def dense(self) -> RunRecord | None:
+        return next((r for r in self.runs if r.baseline), None)
+
+
+def _slug(text: str) -> str:
+    name = text.rstrip("/\\").replace("\\", "/").split("/")[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def generate(opts: GenerateOptions) -> GenerateResult:
+    """Run ``opts.method`` (and dense unless ``opts.compare`` is False), write the outputs, return the records."""
+    method: AttentionMethod = get_method(opts.method, **opts.params)  # bad names and values fail before loading
+    model = opts.model or default_model()
+    if not isinstance(opts.seed, int) or opts.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {opts.seed!r}")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    warmup = 1 if opts.warmup is None else opts.warmup
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if not isinstance(opts.repeats, int) or opts.repeats < 1:
+        raise ConfigError(f"repeats must be a positive integer, got {opts.repeats!r}")
+
+    pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=opts.cpu_offload)
+    kwargs = call_kwargs(pipe, model, opts)
+    check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
+    video = is_video_pipeline(pipe)
+
+    def timed(label: str) -> tuple[torch.Tensor, Timing]:
+        for i in range(warmup):
+            run_pipeline(pipe, opts.prompt, kwargs, opts.seed, f"{label} warm-up {i + 1}")
+        timings = []
+        for i in range(opts.repeats):
+            output, timing = run_pipeline(pipe, opts.prompt, kwargs, opts.seed, label)
+            timings.append(timing)
+        total = statistics.median(t.total_s for t in timings)
+        denoise = statistics.median(t.denoise_s for t in timings)
+        return output, Timing(total, denoise)
+
+    runs: list[RunRecord] = []
+    reference = None
+    if opts.compare:
+        remove(pipe)
+        reference, dense_timing = timed("dense")
+        runs.append(RunRecord("dense", dense_timing, baseline=True))
+    apply(pipe, method)
+    try:
+        output, timing = timed(opts.method)
+    finally:
+        remove(pipe)
+    runs.append(RunRecord(opts.method, timing, compare(output, reference) if reference is not None else None))
+
+    stem = opts.out / f"{_slug(model)}_{opts.method}"
+    written = None
+    if video:
+        fps = next((v for k, v in VIDEO_FPS.items() if type(pipe).__name__.startswith(k)), 16)
+        written = save_video(output, stem, fps=fps)
+        output_path = written.path
+    else:
+        output_path = save_image(output, stem.with_suffix(".png"))
+    sbs = None
+    if reference is not None:
+        sbs = save_side_by_side(reference, output, ("dense", opts.method), f"{stem}_vs_dense.png")
+    return GenerateResult(
+        model=model,
+        method=opts.method,
+        pipeline=type(pipe).__name__,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        is_video=video,
+        size=tuple(output.shape),
+        steps=resolved_steps(pipe, kwargs),
+        warmup=warmup,
+        repeats=opts.repeats,
+        runs=runs,
+        output_path=output_path,
+        video=written,
+        side_by_side_path=sbs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def results_table(result: GenerateResult):
+    """A rich table of the runs: latency, speedup against dense, PSNR and SSIM against dense."""
+    from rich.table import Table
+
+    if result.is_video:
+        f, _, h, w = result.size
+        size, unit = f"{f} frames of {w}x{h}", "video"
+    else:
+        _, h, w = result.size
+        size, unit = f"{w}x{h}", "image"
+    title = f"{result.model} ({result.pipeline}) | {size} | {result.steps} steps | {result.device} {result.dtype}"
+    table = Table(title=title)
+    table.add_column("run")
+    table.add_column(f"s / {unit}", justify="right")
+    table.add_column("denoiser s", justify="right")
+    table.add_column("speedup", justify="right")
+    table.add_column("denoiser speedup", justify="right")
+    table.add_column("PSNR dB", justify="right")
+    table.add_column("SSIM", justify="right")
+    dense = result.dense
+    for run in result.runs:
+        fid = run.fidelity
+        table.add_row(
+            run.label,
+            f"{run.timing.total_s:.3f}",
+            f"{run.timing.denoise_s:.3f}",
+            "-" if dense is None else _ratio(dense.timing.total_s, run.timing.total_s),
+            "-" if dense is None else _ratio(dense.timing.denoise_s, run.timing.denoise_s),
+            "-" if fid is None else ("inf" if math.isinf(fid.psnr) else f"{fid.psnr:.2f}"),
+            "-" if fid is None else f"{fid.ssim:.4f}",
+        )
+    sync = "CUDA synchronized before each clock read" if result.device.startswith("cuda") else "on the CPU"
+    calls = "one pipeline call" if result.repeats == 1 else f"median of {result.repeats} pipeline calls"
+    table.caption = (
+        f"Timed: {calls} per run, after {result.warmup} untimed warm-up call(s), {sync}. "
+        f"s / {unit}: the whole call (text encoding, denoising, VAE decode); denoiser s: time inside the "
+        "denoiser forwards. dense = stock diffusers processors (PyTorch SDPA), same seed; speedups and "
+        "PSNR/SSIM are against it."
+        + (" Tiny random models: timings show overheads, not attention speed." if is_tiny(result.model) else "")
+    )
+    return table
+
+
+def _ratio(reference: float, value: float) -> str:
+    return f"{reference / value:.2f}x" if value > 0 else "-"
