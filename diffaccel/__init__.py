@@ -6,6 +6,7 @@
     diffaccel.remove(pipe)                    # stock diffusers processors again
 """
 
+from diffaccel import functional
 from diffaccel.context import RunContext
 from diffaccel.errors import (
     ConfigError,
@@ -19,11 +20,25 @@ from diffaccel.layout import TokenLayout
 from diffaccel.methods.base import AttentionMethod, MethodConfig, get_method, list_methods, method_parameters
 from diffaccel.pipelines.hooks import apply, remove
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+from diffaccel.pipelines.guidance import apply_softpag, disable_softpag, enable_softpag
+from diffaccel.pipelines.named_processors import (
+    AgentAttnProcessor,
+    ClearAttnProcessor,
+    GNAAttnProcessor,
+    MSWAttnProcessor,
+    TileAttnProcessor,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentAttnProcessor",
     "AttentionMethod",
+    "ClearAttnProcessor",
+    "GNAAttnProcessor",
+    "MSWAttnProcessor",
+    "TileAttnProcessor",
+    "functional",
     "ConfigError",
     "DiffAccelAttnProcessor",
     "DiffAccelError",
@@ -36,6 +51,9 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "apply",
+    "apply_softpag",
+    "disable_softpag",
+    "enable_softpag",
     "get_method",
     "list_methods",
     "method_parameters",

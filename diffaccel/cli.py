@@ -18,6 +18,7 @@ from rich.table import Table
 
 from diffaccel.bench.cli import bench_app
 from diffaccel.errors import DiffAccelError
+from diffaccel.pipelines.headhunt import headhunt_command
 
 app = typer.Typer(
     name="diffaccel",
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(bench_app, name="bench")
+app.command("headhunt")(headhunt_command)
 
 
 @app.command()
@@ -91,16 +93,36 @@ def generate(
 
 
 @app.command()
-def methods() -> None:
-    """List the registered attention methods and their parameters with defaults."""
+def methods(
+    name: Annotated[Optional[str], typer.Argument(help="Show one method only.")] = None,
+    analyze: Annotated[bool, typer.Option("--analyze", help="gna: kept-block fraction and speedup bound.")] = False,
+    grid: Annotated[Optional[str], typer.Option(help="--analyze: token grid, e.g. 21x30x52.")] = None,
+    kernel_size: Annotated[Optional[str], typer.Option(help="--analyze: window per dimension, e.g. 9x15x15.")] = None,
+    stride: Annotated[str, typer.Option(help="--analyze: stride per dimension.")] = "1",
+    dilation: Annotated[str, typer.Option(help="--analyze: dilation per dimension.")] = "1",
+    causal: Annotated[str, typer.Option(help="--analyze: causal per dimension as 0/1, e.g. 1x0x0.")] = "0",
+    block: Annotated[int, typer.Option(help="--analyze: kernel block in tokens.")] = 128,
+) -> None:
+    """List the registered attention methods and their parameters with defaults (`methods gna --analyze ...`)."""
+    from diffaccel.errors import ConfigError
     from diffaccel.methods.base import list_methods, method_class, method_parameters
 
+    if analyze:
+        if name != "gna":
+            raise ConfigError(f"--analyze is available for method 'gna' only, got {name!r}")
+        if grid is None or kernel_size is None:
+            raise ConfigError("--analyze needs --grid and --kernel-size, e.g. --grid 21x30x52 --kernel-size 9x15x15")
+        from diffaccel.methods.gna import analyze_command
+
+        analyze_command(grid=grid, kernel_size=kernel_size, stride=stride, dilation=dilation, causal=causal, block=block)
+        return
+    names = list_methods() if name is None else [method_class(name).name]
     table = Table(title="diffaccel methods (set parameters with --set key=value)")
     for column in ("method", "parameter"):
         table.add_column(column, no_wrap=True)
     for column in ("type", "default", "description"):
         table.add_column(column)
-    for name in list_methods():
+    for name in names:
         doc = (method_class(name).__doc__ or "").strip().splitlines()
         rows = method_parameters(name)
         if not rows:

@@ -10,6 +10,12 @@ from diffaccel.methods.base import (
     register_method,
 )
 from diffaccel.methods.dense import DenseConfig, DenseMethod
+from diffaccel.methods.agent import AgentConfig, AgentMethod
+from diffaccel.methods.softpag import SoftPAGConfig, SoftPAGMethod
+from diffaccel.methods.gna import GNAConfig, GNAMethod
+from diffaccel.methods.tile import TileConfig, TileMethod
+from diffaccel.methods.clear import ClearConfig, ClearMethod
+from diffaccel.methods.msw import MSWConfig, MSWMethod
 
 __all__ = [
     "AttentionMethod",

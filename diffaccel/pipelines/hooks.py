@@ -10,7 +10,13 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod
-from diffaccel.pipelines.adapters.base import adapter_for, bind_forward_args, family_of, mark_text_only
+from diffaccel.pipelines.adapters.base import (
+    adapter_for,
+    bind_forward_args,
+    family_of,
+    mark_text_only,
+    stock_processor_name,
+)
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
 
 DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
@@ -64,6 +70,12 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     Returns:
         The processor installed on every attention module.
     """
+    from diffaccel.methods.softpag import SoftPAGMethod
+
+    if (isinstance(method, str) and method == "softpag") or isinstance(method, SoftPAGMethod):
+        from diffaccel.pipelines.guidance import apply_softpag  # guidance wraps the denoiser call too
+
+        return apply_softpag(pipe_or_model, None if isinstance(method, str) else method, **config)
     models = denoisers_of(pipe_or_model)
     for model in models:
         family_of(model)  # unsupported families fail before anything changes
@@ -84,12 +96,18 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         modules = attention_modules(model)
         stock = {}
         for name, module in modules.items():
-            stock[name] = module.processor
-            module.__dict__["_diffaccel_stock_processor"] = module.processor
+            current = module.processor
+            if isinstance(current, DiffAccelAttnProcessor):
+                current = _recover_stock_processor(module)
+            stock[name] = current
+            module.__dict__["_diffaccel_stock_processor"] = current
             module.__dict__["_diffaccel_name"] = name
             module.__dict__.pop("_diffaccel_adapter", None)
         for module in modules.values():
             adapter_for(module)  # every module must be supported before any processor is swapped
+        setup = getattr(processor.method, "setup_model", None)
+        if setup is not None:  # methods that install weights on the model (CLEAR's distilled projections)
+            setup(model)
         for module in modules.values():
             module.set_processor(processor)
         hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
@@ -114,6 +132,24 @@ def remove(pipe_or_model: Any) -> None:
         inst.hook.remove()
         for h in inst.extra_hooks:
             h.remove()
+
+
+def _recover_stock_processor(module: torch.nn.Module) -> Any:
+    """The stock processor of a module whose processor a bare ``set_attn_processor`` already replaced."""
+    default_cls = getattr(module, "_default_processor_cls", None)
+    if default_cls is not None:
+        return default_cls()
+    import diffusers.models.attention_processor as stock_processors
+
+    module.__dict__.pop("_diffaccel_stock_processor", None)
+    name = stock_processor_name(module)
+    cls = getattr(stock_processors, name, None)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"cannot recover the stock processor of {type(module).__name__} (guessed {name}); reload the model "
+            "before diffaccel.apply"
+        )
+    return cls()
 
 
 def installed_processor(model: torch.nn.Module) -> DiffAccelAttnProcessor | None:

@@ -1,0 +1,166 @@
+"""Plain PyTorch versions of the kernels: the definitions the Triton kernels are tested against, and the CPU path.
+
+Everything here materializes attention scores for a chunk of query rows at a time (memory bounded by
+``_CHUNK_ELEMENTS`` scores), computes in float32 and returns the input dtype, like the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffaccel.kernels.masks import SparseBlockMask
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def materialize_mask(block_mask: SparseBlockMask, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The element mask a :class:`SparseBlockMask` keeps, ``(B or 1, H or 1, len(rows), kv_len)`` bool.
+
+    An element is kept when its key block is full for its query block, or partial and the spec's ``mask_mod``
+    keeps it. ``rows`` selects query positions (default: all); use it to bound memory on long sequences.
+    """
+    device = block_mask.device
+    if rows is None:
+        rows = torch.arange(block_mask.q_len, device=device)
+    rows = rows.to(device)
+    full, partial = block_mask.block_keep()
+    kv = torch.arange(block_mask.kv_len, device=device)
+    qb = rows // block_mask.q_block_size
+    kb = kv // block_mask.kv_block_size
+    keep_full = full[:, :, qb][..., kb]
+    keep_part = partial[:, :, qb][..., kb]
+    spec = block_mask.spec
+    if spec is None:
+        return keep_full | keep_part
+    bm, hm = full.shape[:2]
+    b = torch.arange(bm, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(hm, device=device).view(1, -1, 1, 1)
+    elem = spec.mask_mod(b, h, rows.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
+    return keep_full | (keep_part & elem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization (the definitions kernels/quant.py implements in Triton)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties away from zero (what ``(x + 0.5*sign(x))`` truncated gives)."""
+    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
+
+
+def quantize_per_block_reference(
+    x: torch.Tensor, block_size: int, *, mean: torch.Tensor | None = None, premultiply: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per block of ``block_size`` tokens: ``x ≈ x_int8 * scale`` per (batch, head, block).
+
+    ``mean`` ``(B, H, D)`` is subtracted first (K smoothing, SageAttention). The stored scale is
+    ``absmax / 127 * premultiply`` (fold the softmax scale into Q's scale). Returns ``(int8 (B, H, N, D), float32
+    scales (B, H, ceil(N / block_size)))``; an all-zero block gets scale ``premultiply`` and zeros.
+    """
+    B, H, N, D = x.shape
+    xf = x.float()
+    if mean is not None:
+        xf = xf - mean.float().unsqueeze(2)
+    nb = -(-N // block_size)
+    pad = nb * block_size - N
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    amax = xp.abs().amax(dim=(3, 4))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = round_half_away(xp / scale[..., None, None]).clamp(-127, 127).to(torch.int8)
+    return q.view(B, H, nb * block_size, D)[:, :, :N].contiguous(), (scale * premultiply).contiguous()
+
+
+def quantize_per_channel_reference(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per (batch, head, channel) over all tokens: returns ``(int8 like v, float32 (B, H, D))``."""
+    vf = v.float()
+    amax = vf.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = round_half_away(vf / scale.unsqueeze(2)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block-sparse attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: SparseBlockMask,
+    *,
+    scale: float | None = None,
+    qk_int8: bool = False,
+    pv_int8: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention restricted to the elements ``block_mask`` keeps (see :func:`materialize_mask`), in float32.
+
+    Rows with no kept key give zeros and log-sum-exp ``-inf``. ``qk_int8`` simulates the kernel's quantization:
+    K smoothed by its per-channel token mean, Q and K quantized per mask block (Q blocks of ``q_block_size``, K
+    blocks of ``kv_block_size`` tokens), scores dequantized; the log-sum-exp is corrected for the smoothing so it
+    is the unsmoothed one. ``pv_int8`` quantizes probabilities with the fixed scale 127 and V per channel
+    (PARO); it uses each row's final maximum, where the kernel uses the running one (finer), so the two agree to
+    within the quantization error, not exactly.
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    block_mask = block_mask.to(q.device)
+    km = None
+    if qk_int8:
+        km = k.float().mean(dim=2)
+        q8, qs = quantize_per_block_reference(q, block_mask.q_block_size, premultiply=scale)
+        k8, ks = quantize_per_block_reference(k, block_mask.kv_block_size, mean=km)
+        qs_row = qs.repeat_interleave(block_mask.q_block_size, dim=-1)[..., :Lq]
+        ks_col = ks.repeat_interleave(block_mask.kv_block_size, dim=-1)[..., :Lk]
+        kf = k8.float()
+    else:
+        kf = k.float()
+    if pv_int8:
+        v8, vs = quantize_per_channel_reference(v)
+        vf = v8.float()
+    else:
+        vf = v.float()
+    out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
+    for r0 in range(0, Lq, rows_per_chunk):
+        rows = torch.arange(r0, min(Lq, r0 + rows_per_chunk), device=q.device)
+        keep = materialize_mask(block_mask, rows)
+        if qk_int8:
+            s = (q8[:, :, rows].float() @ kf.transpose(-1, -2)) * qs_row[:, :, rows, None] * ks_col[:, :, None, :]
+        else:
+            s = (q[:, :, rows].float() @ kf.transpose(-1, -2)) * scale
+        s = s.masked_fill(~keep, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        p = torch.exp(s - m)
+        l = p.sum(dim=-1, keepdim=True)
+        if pv_int8:
+            o = (torch.floor(p * 127.0 + 0.5) @ vf) * (vs.unsqueeze(2) / 127.0)
+        else:
+            o = p @ vf
+        out[:, :, rows] = (o / torch.where(l > 0, l, torch.ones_like(l))).to(q.dtype)
+        lse[:, :, rows] = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf"))).squeeze(-1)
+    if not return_lse:
+        return out
+    if km is not None:
+        # Smoothing shifted every logit of a row by scale * q.km; add it back (SageAttention does the same).
+        lse = lse + scale * torch.einsum("bhnd,bhd->bhn", q.float(), km)
+    return out, lse
+
+
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Dense attention in float32 (used by tests as the density-1 target)."""
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
+

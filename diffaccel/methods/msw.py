@@ -1,0 +1,150 @@
+"""MSW-MSA (HiDiffusion): 2x2 window attention on a cyclically shifted grid, no wrap-around mask.
+
+Zhang et al., "HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in Pretrained Diffusion Models"
+(ECCV 2024), repo ``megvii-research/HiDiffusion`` (``hidiffusion/hidiffusion.py``; research/agent_msw_pag.md §2.2).
+Self-attention of the highest-resolution attention level runs inside windows of ``ceil(H/2) x ceil(W/2)`` tokens
+(always a 2x2 grid of windows); before each call the map is rolled by ``-shift`` with ``shift = k * floor(window /
+4)``, ``k`` in {0, 1, 2, 3}; tokens wrapped across the border share windows (no Swin mask). Cross-attention stays
+global.
+
+Levels: on a UNet the windowed blocks are exactly HiDiffusion's (SD 1.5/2.1: ``down_blocks.0`` and ``up_blocks.3``;
+SDXL: ``down_blocks.1`` and ``up_blocks.1``) because the rule is the same: the highest-resolution level that has
+attention. On a DiT every layer has the latent grid, so every self/joint attention is windowed, with text tokens
+global (an extension: HiDiffusion is UNet-only). On a video grid the windows cover all frames and split height and
+width.
+
+Differences from upstream, on purpose: a window that does not divide the grid leaves a smaller last window (upstream
+resizes the map bicubically, with a warning that quality drops); shifts are drawn per (seed, layer, step) so a run
+is reproducible (upstream draws per call from the global RNG).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffaccel.context import RunContext
+from diffaccel.errors import ConfigError
+from diffaccel.kernels.masks import ShiftedWindowMask
+from diffaccel.layout import TokenLayout
+from diffaccel.methods._locality import LocalityConfig, LocalityMethod, as_int_tuple, layout_text_spec, run_spec
+from diffaccel.methods.base import check_choice, check_positive_int, config_help, register_method, sdpa
+
+SHIFT_POLICIES = ("random", "no_repeat", "cyclic")
+NUM_SHIFTS = 4  # shifts of 0, 1/4, 1/2, 3/4 of the window
+
+
+@dataclass
+class MSWConfig(LocalityConfig):
+    """MSW-MSA settings; defaults are HiDiffusion's.
+
+    ``shift_policy``: ``"random"`` draws the shift index uniformly (upstream), ``"no_repeat"`` never repeats the
+    previous step's index in a layer (the ComfyUI port ``blepping/comfyui_jankhidiffusion``), ``"cyclic"`` takes
+    ``step mod 4``. ``max_downsample=None`` windows only the highest-resolution attention level (upstream); an
+    integer windows every level whose grid is at most that factor below the latent grid.
+    """
+
+    window: int | tuple[int, ...] | None = field(default=None, metadata=config_help(
+        "window (height, width) in tokens; None: ceil(H/2) x ceil(W/2), HiDiffusion's 2x2 windows"))
+    shift_policy: str = field(default="random", metadata=config_help(
+        "'random' (upstream, seeded), 'no_repeat' (never the previous step's shift) or 'cyclic' (step mod 4)"))
+    seed: int = field(default=0, metadata=config_help("seed of the shift draws"))
+    max_downsample: int | None = field(default=None, metadata=config_help(
+        "deepest UNet level (latent/level size) to window; None: the highest-resolution level with attention"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.window = as_int_tuple("window", self.window)
+        w = self.window
+        if w is not None and any(x < 1 for x in (w if isinstance(w, tuple) else (w,))):
+            raise ConfigError(f"window must be >= 1 in every dimension, got {w!r}")
+        check_choice("shift_policy", self.shift_policy, SHIFT_POLICIES)
+        check_positive_int("seed", self.seed, minimum=0)
+        if self.max_downsample is not None:
+            check_positive_int("max_downsample", self.max_downsample)
+
+    def window_for(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """Window per grid dimension: the spatial (last two) dimensions windowed, frames whole."""
+        nd = len(grid)
+        spatial = grid[-2:] if nd >= 2 else grid
+        lead = grid[: nd - len(spatial)]
+        w = self.window
+        if w is None:
+            win = tuple(math.ceil(n / 2) for n in spatial)
+        elif isinstance(w, int):
+            win = (w,) * len(spatial)
+        elif len(w) == nd:
+            return tuple(w)
+        elif len(w) == len(spatial):
+            win = tuple(w)
+        else:
+            raise ConfigError(f"msw: window {w} must have {len(spatial)} (spatial) or {nd} entries for grid {grid}")
+        for n, x in zip(spatial, win):
+            if x > n:
+                raise ConfigError(f"msw: window {w} is larger than the grid {grid}")
+        return tuple(lead) + win
+
+
+@functools.lru_cache(maxsize=8192)
+def shift_index(policy: str, seed: int, layer: str | None, step: int) -> int:
+    """Shift index ``k`` in {0, 1, 2, 3} of ``layer`` at denoising ``step`` (deterministic per seed)."""
+    if policy == "cyclic":
+        return step % NUM_SHIFTS
+    if policy == "random" or step == 0:
+        return random.Random(f"{seed}:{layer}:{step}").randrange(NUM_SHIFTS)
+    # no_repeat: one of the three indices other than the previous step's
+    previous = shift_index(policy, seed, layer, step - 1)
+    return (previous + 1 + random.Random(f"{seed}:{layer}:{step}:next").randrange(NUM_SHIFTS - 1)) % NUM_SHIFTS
+
+
+@register_method
+class MSWMethod(LocalityMethod):
+    """HiDiffusion's MSW-MSA window attention (UNet high-resolution level, or every DiT layer); text global."""
+
+    name = "msw"
+    config_class = MSWConfig
+    config: MSWConfig
+
+    def __init__(self, config: MSWConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._min_downsample: dict[Any, int] = {}
+        self._largest: dict[Any, int] = {}
+
+    def downsample(self, layout: TokenLayout, ctx: RunContext) -> int:
+        """How many times smaller the call's grid is than the latent grid (1 on DiTs)."""
+        grid = layout.grid
+        assert grid is not None
+        if ctx.grid is not None:
+            base = math.prod(ctx.grid)
+        else:  # without diffaccel.apply's hook: relative to the largest grid seen
+            key = len(grid)
+            self._largest[key] = max(self._largest.get(key, 0), math.prod(grid))
+            base = self._largest[key]
+        return max(1, round(math.sqrt(base / math.prod(grid))))
+
+    def windowed_level(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> bool:
+        ds = self.downsample(layout, ctx)
+        if cfg.max_downsample is not None:
+            return ds <= cfg.max_downsample
+        key = ctx.grid
+        self._min_downsample[key] = min(self._min_downsample.get(key, ds), ds)
+        return ds == self._min_downsample[key]
+
+    def spec_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> ShiftedWindowMask:
+        grid = layout.grid
+        assert grid is not None
+        win = cfg.window_for(grid)
+        k = shift_index(cfg.shift_policy, cfg.seed, ctx.layer, ctx.step)
+        nd = len(grid)
+        spatial = min(2, nd)
+        shift = tuple(0 if a < nd - spatial else (k * (w // 4)) % n for a, (n, w) in enumerate(zip(grid, win)))
+        return ShiftedWindowMask(grid, win, shift, text=layout_text_spec(layout))
+
+    def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
+        if not self.windowed_level(layout, ctx, cfg):
+            return sdpa(q, k, v, scale=scale)
+        spec = self.spec_for(layout, ctx, cfg)
+        return run_spec(q, k, v, spec, block_size=cfg.block_size, scale=scale, backend=cfg.backend)

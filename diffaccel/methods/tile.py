@@ -1,0 +1,116 @@
+"""Efficient-vDiT attention tiles: each latent frame attends to itself and to a few global frames.
+
+Ding et al., "Efficient Video Diffusion Transformers with Attention Tile" (arXiv 2502.06155). In 3-D full
+attention the frame-by-frame blocks of the attention map are repetitive and dominated by the diagonal; the
+``g : (T - g)`` masks keep, for a query in frame ``f``, the keys of frame ``f`` and of ``g`` global reference frames
+(queries of a global frame keep every frame), so the cost grows linearly with the number of frames
+(research/locality.md §2.2). Text tokens of joint attention stay dense.
+
+Scope: the paper pairs the mask with multi-step consistency distillation and knowledge distillation of the sparse
+student, and searches ``g`` per layer on a tolerance ``r``. diffaccel implements the mask only (training-free, per
+layer and per head configurable through ``layer_overrides`` and per-head frame lists); the distillation stages
+are out of scope. Video grids only: image models raise a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffaccel.context import RunContext
+from diffaccel.errors import ConfigError
+from diffaccel.kernels.masks import TileMask
+from diffaccel.layout import TokenLayout
+from diffaccel.methods._locality import LocalityConfig, LocalityMethod, layout_text_spec, run_spec
+from diffaccel.methods.base import check_choice, config_help, register_method
+
+PLACEMENTS = ("first", "uniform")
+
+
+@dataclass
+class TileConfig(LocalityConfig):
+    """Global reference frames of the attention-tile mask.
+
+    Default ``global_frames=None`` keeps ``round(T / 4)`` global frames (at least one) for ``T`` latent frames:
+    the paper's 2:6 mask at 29 frames (8 latent frames, 45.5% sparsity, 1.86x kernel speedup, Table 1) and 6:18 at
+    93 frames (24 latent frames, 51.9%, 2.14x). Which frames the paper takes as global is not stated
+    (research/locality.md §2.2); ``placement="first"`` takes the first ones (the first latent frame of a causal
+    video VAE encodes the first image alone), ``"uniform"`` spreads them over the clip.
+    """
+
+    global_frames: int | tuple[int, ...] | tuple[tuple[int, ...], ...] | None = field(default=None, metadata=config_help(
+        "number of global frames g, or explicit frame indices, or one list per head; None: round(T/4), >= 1"))
+    placement: str = field(default="first", metadata=config_help(
+        "where an integer number of global frames sits: 'first' frames or 'uniform'ly spread"))
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("placement", self.placement, PLACEMENTS)
+        g = self.global_frames
+        if g is None:
+            return
+        if isinstance(g, bool):
+            raise ConfigError(f"global_frames must be an integer, a list of frame indices or one list per head, got {g!r}")
+        if isinstance(g, int):
+            if g < 0:
+                raise ConfigError(f"global_frames as a count must be >= 0, got {g}")
+            return
+        if not isinstance(g, (list, tuple)):
+            raise ConfigError(f"global_frames must be an integer, a list of frame indices or one list per head, got {g!r}")
+        per_head = len(g) > 0 and all(isinstance(x, (list, tuple)) for x in g)
+        rows = [tuple(x) for x in g] if per_head else [tuple(g)]
+        for row in rows:
+            if any(not isinstance(f, int) or isinstance(f, bool) or f < 0 for f in row):
+                raise ConfigError(f"global_frames must hold frame indices >= 0, got {g!r}")
+            if len(set(row)) != len(row):
+                raise ConfigError(f"global_frames lists a frame twice: {g!r}")
+        self.global_frames = tuple(rows) if per_head else rows[0]
+
+    def frames_for(self, num_frames: int, heads: int) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+        """The global frames on a clip of ``num_frames`` latent frames (one tuple, or one per head)."""
+        g = self.global_frames
+        if g is None or isinstance(g, int):
+            count = max(1, round(num_frames / 4)) if g is None else g
+            if count > num_frames:
+                raise ConfigError(f"tile: {count} global frames requested but the clip has {num_frames} latent frames")
+            return _place(count, num_frames, self.placement)
+        per_head = len(g) > 0 and isinstance(g[0], tuple)
+        rows = g if per_head else (g,)
+        for row in rows:
+            bad = [f for f in row if f >= num_frames]  # type: ignore[operator]
+            if bad:
+                raise ConfigError(f"tile: global frames {bad} are outside the clip's {num_frames} latent frames")
+        if per_head and len(rows) != heads:
+            raise ConfigError(f"tile: global_frames gives {len(rows)} per-head lists but the layer has {heads} heads")
+        return g  # type: ignore[return-value]
+
+
+def _place(count: int, num_frames: int, placement: str) -> tuple[int, ...]:
+    if count == 0:
+        return ()
+    if placement == "first" or count == 1:
+        return tuple(range(count))
+    return tuple(sorted({round(i * (num_frames - 1) / (count - 1)) for i in range(count)}))
+
+
+@register_method
+class TileMethod(LocalityMethod):
+    """Efficient-vDiT attention tiles (frame-level sparsity, linear in frames) on video grids; text dense."""
+
+    name = "tile"
+    config_class = TileConfig
+    config: TileConfig
+
+    def spec_for(self, layout: TokenLayout, cfg: TileConfig, heads: int, layer: str | None = None) -> TileMask:
+        grid = layout.grid
+        assert grid is not None
+        if len(grid) != 3:
+            raise ConfigError(
+                f"tile: attention tiles need a video grid (frames, height, width), but layer {layer} has grid "
+                f"{grid}; use tile on video models (Wan, HunyuanVideo, CogVideoX, LTX-Video), not on image models"
+            )
+        return TileMask(grid, cfg.frames_for(grid[0], heads), text=layout_text_spec(layout))
+
+    def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
+        spec = self.spec_for(layout, cfg, q.shape[1], ctx.layer)
+        return run_spec(q, k, v, spec, block_size=cfg.block_size, scale=scale, backend=cfg.backend)
