@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffaccel.kernels._stats_reference import attention_with_lse_reference, block_attention_mass_reference
+from diffaccel.kernels.reference import attention_with_lse_reference, block_attention_mass_reference
 from diffaccel.kernels.stats import attention_with_lse, block_attention_mass
 
 

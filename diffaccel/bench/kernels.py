@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +243,13 @@ def random_block_mask(
     )
 
 
+class MaskStats(Protocol):
+    """What :func:`_measure` reads from a mask: the (query, key) pairs it keeps and its kept-block fraction."""
+
+    kept_pairs: float
+    density_blocks: float
+
+
 class MaskModSlot:
     """A (B, H, n_q_blocks, n_k_blocks) tile table and a FlexAttention ``mask_mod`` that reads it."""
 
@@ -283,11 +290,14 @@ def _reference_rows(
     rows: torch.Tensor,
     scale: float,
     mask: BenchMask | None = None,
+    *,
+    keep: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float32 attention output of the query ``rows`` of every (batch, head): (B, H, len(rows), d).
 
     One (batch, head) at a time so the (rows x N_k) float32 scores are the largest buffer; with ``mask`` the
-    key blocks that are not kept get -inf logits (what the block-sparse kernels compute).
+    key blocks that are not kept get -inf logits (what the block-sparse kernels compute); with ``keep`` (an
+    element mask: ``keep(b, h, rows)`` is a (len(rows), N_k) bool tensor) the keys it drops get -inf.
     """
     batch, heads = q.shape[:2]
     out = torch.empty((batch, heads, rows.numel(), q.shape[-1]), dtype=torch.float32, device=q.device)
@@ -300,6 +310,8 @@ def _reference_rows(
             if mask is not None:
                 allowed = mask.blocks[b, h][row_block][:, col_block]
                 s.masked_fill_(~allowed, float("-inf"))
+            if keep is not None:
+                s.masked_fill_(~keep(b, h, rows), float("-inf"))
             out[b, h] = torch.matmul(torch.softmax(s, dim=-1), v[b, h].float())
     return out
 
@@ -373,16 +385,20 @@ def _sdpa_runner(backend: str, scale: float, shape: AttentionShape, dtype: torch
 _FLEX_COMPILED: dict[str, Callable] = {}
 
 
-def _flex_runner(mask: BenchMask, scale: float, compiled: bool) -> Runner:
+def flex_attention_fn(compiled: bool) -> Callable:
+    """``flex_attention``, or the process's one ``torch.compile(flex_attention)`` (recompiles per shape and mask_mod)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if compiled:
-        if "flex" not in _FLEX_COMPILED:
-            _raise_recompile_limit()
-            _FLEX_COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
-        fn = _FLEX_COMPILED["flex"]
-    else:
-        fn = flex_attention
+    if not compiled:
+        return flex_attention
+    if "flex" not in _FLEX_COMPILED:
+        _raise_recompile_limit()
+        _FLEX_COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED["flex"]
+
+
+def _flex_runner(mask: BenchMask, scale: float, compiled: bool) -> Runner:
+    fn = flex_attention_fn(compiled)
     return Runner(
         method="flex",
         call=lambda q, k, v: fn(q, k, v, block_mask=mask.flex, scale=scale),
@@ -519,7 +535,7 @@ def _measure(
     config: KernelBenchConfig,
     *,
     density_target: float,
-    mask: BenchMask | None,
+    mask: MaskStats | None,
     masked_ref: torch.Tensor | None,
 ) -> dict:
     """Run one method on one shape (and mask); every failure becomes the row's status and reason."""
@@ -885,10 +901,11 @@ def _device_slug(meta: dict) -> str:
 
 
 def output_stem(result: dict) -> str:
-    """``<date>-<device>-kernels`` (``-quick``/``-tiny`` appended for short runs, so they never replace a full one)."""
+    """``<date>-<device>-<kind>`` (``kind``: ``kernels``, ``locality``; ``-quick``/``-tiny`` appended for short
+    runs, so they never replace a full one)."""
     date = result["meta"]["date"][:10]
     suffix = "-tiny" if result["config"]["tiny"] else ("-quick" if result["config"]["quick"] else "")
-    return f"{date}-{_device_slug(result['meta'])}-kernels{suffix}"
+    return f"{date}-{_device_slug(result['meta'])}-{result['kind']}{suffix}"
 
 
 def write_outputs(result: dict, out_dir: Path | str, *, plot: bool = True, merge: bool = False) -> dict[str, Path]:

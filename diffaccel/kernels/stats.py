@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffaccel.kernels._stats_reference import attention_with_lse_reference, block_attention_mass_reference
+from diffaccel.kernels.reference import attention_with_lse_reference, block_attention_mass_reference
 from diffaccel.kernels.dispatch import MAX_HEAD_DIM, SUPPORTED_DTYPES, _choose_backend
 from diffaccel.kernels.masks import SparseBlockMask
 
