@@ -1,4 +1,4 @@
-"""`diffaccel bench ...` commands (kernel and end-to-end benchmarks).
+"""`diffaccel bench ...` commands (kernel, locality and end-to-end benchmarks).
 
 ``diffaccel bench kernels`` takes the options of :func:`diffaccel.bench.kernels.build_arg_parser` (the same
 parser as ``python benchmarks/bench_kernels.py``), so both accept ``--shape flux-1024 wan13-480 --density 1 0.5``.
@@ -28,3 +28,20 @@ def kernels(ctx: typer.Context) -> None:
     from diffaccel.bench.kernels import main
 
     main(list(ctx.args), prog="diffaccel bench kernels")
+
+
+@bench_app.command(
+    "locality",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def locality(ctx: typer.Context) -> None:
+    """Time GNA, tile, CLEAR and MSW-MSA attention (as the processor runs it) against SDPA and FlexAttention.
+
+    Options: --shape NAME... --method M... --out DIR --tiny --quick --dtype --seed --error-rows N
+    --no-flex-compile --no-progress (run with --help for details).
+    Writes <out>/<date>-<device>-locality[-quick|-tiny].json and a markdown table.
+    """
+    from diffaccel.bench.locality import main
+
+    main(list(ctx.args), prog="diffaccel bench locality")
