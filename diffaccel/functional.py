@@ -31,7 +31,7 @@ from diffaccel.methods._locality import (
     run_spec,
     text_spec_for,
 )
-from diffaccel.methods.base import BACKENDS
+from diffaccel.methods.base import check_backend
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -92,11 +92,6 @@ def _per_dim(name: str, value: Any, ndim: int, *, kind: type = int) -> tuple:
     return values
 
 
-def _check_backend(backend: Any) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-
-
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Any, text: TextArg, *, dims=(1, 2, 3)):
     _check_qkv(q, k, v)
     grid = check_grid(grid, dims=dims)
@@ -148,7 +143,7 @@ def _spec_mask(spec: MaskSpec, heads: int, device: torch.device) -> torch.Tensor
 
 
 def _run(q, k, v, spec: MaskSpec, scale, block_size, backend) -> torch.Tensor:
-    _check_backend(backend)
+    check_backend(backend)
     check_block_size(block_size)
     return run_spec(q, k, v, spec, block_size=block_size, scale=scale, backend=backend)
 
@@ -322,7 +317,7 @@ def circular_window_attention(
     """
     grid, tspec = _prepare(q, k, v, grid, text)
     radius = _check_radius(radius)
-    _check_backend(backend)
+    check_backend(backend)
     check_block_size(block_size)
     if per_frame:
         if len(grid) != 3:

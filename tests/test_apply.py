@@ -141,3 +141,15 @@ def test_failed_reapply_keeps_the_previous_installation() -> None:
         diffaccel.apply(model, "no-such-method")
     assert installed_processor(model) is processor
     assert all(p is processor for p in _processors(model).values())
+
+
+def test_num_steps_of_second_order_schedulers():
+    """Heun holds 2n - 1 timesteps for n steps (one evaluation at the first step, two at the others)."""
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    from diffaccel.pipelines.hooks import _scheduler_steps
+
+    for cls in (HeunDiscreteScheduler, EulerDiscreteScheduler):
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        assert _scheduler_steps(scheduler) == 10, cls.__name__

@@ -23,7 +23,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def require_adapters(name: str) -> None:
-    """Skip when the adapter of the tiny model's family is not registered yet (checks the registry)."""
+    """Fail when the adapter of the tiny model's family is not registered (checks the registry)."""
     from diffaccel.pipelines.adapters.base import family_of, supported_processors
     from diffaccel.pipelines.hooks import attention_modules, denoisers_of
 
@@ -32,10 +32,10 @@ def require_adapters(name: str) -> None:
         try:
             family_of(model)
         except UnsupportedModelError as exc:
-            pytest.skip(f"adapter not registered: {exc}")
+            pytest.fail(f"adapter not registered: {exc}")
         missing = {type(m.processor).__name__ for m in attention_modules(model).values()} - set(supported_processors())
         if missing:
-            pytest.skip(f"adapter not registered for processors {sorted(missing)}")
+            pytest.fail(f"adapter not registered for processors {sorted(missing)}")
 
 
 @pytest.mark.parametrize("name", list(TINY_PIPELINES))

@@ -386,3 +386,26 @@ def test_gpu_int8_error_bound(pv_int8):
     # INT8 P with the fixed scale 127 (PARO) costs ~2-3.5e-2 on flat random-input attention maps; see kernel_gpu.md.
     assert rel_err(out, ref) <= (4e-2 if pv_int8 else 2e-2)
     assert torch.allclose(lse, ref_lse, atol=5e-2)
+
+
+def test_torch_block_mask_is_converted_once_and_again_after_an_in_place_change():
+    """A torch BlockMask input is validated and converted on its first call only (the conversion reads device
+    values); modifying its block tensors in place invalidates the memo, and results follow the new blocks."""
+    from diffaccel.kernels.dispatch import _as_sparse_block_mask
+
+    n, block = 64, 16
+    spec = CircleMask((8, 8), 8)  # near block pairs full, far ones partial
+    fbm = SparseBlockMask.from_spec(spec, block).to_block_mask()
+    first = _as_sparse_block_mask(fbm, None)
+    assert first.num_full > 0 and first.num_partial > 0 and first.spec == spec
+    assert _as_sparse_block_mask(fbm, None) is first
+    assert _as_sparse_block_mask(fbm, CircleMask((8, 8), 2)) is not first  # another spec: converted again
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    before = block_sparse_attention(q, k, v, fbm, backend="reference")
+    fbm.full_kv_num_blocks.zero_()  # drop every full block
+    again = _as_sparse_block_mask(fbm, None)
+    assert again is not first and again.num_full == 0
+    after = block_sparse_attention(q, k, v, fbm, backend="reference")
+    assert not torch.allclose(before, after)
+    ref = block_sparse_attention_reference(q, k, v, again, scale=1 / 4)
+    torch.testing.assert_close(after, ref)

@@ -176,6 +176,24 @@ def test_tile_mask_definition_and_per_head():
         TileMask(grid, (4,))
 
 
+def test_tile_mask_mod_traces_without_cached_calls():
+    """torch.compile (as FlexAttention compiles mask_mods) traces the attention-tile mask_mod in one graph, reading
+    its frame table as a captured tensor rather than through the lru_cache'd table builder; same values."""
+    import warnings
+
+    spec = TileMask((4, 2, 3), ((1,), (0, 3)), text=TextSpec(5, "prefix"))
+    eager = dense_mask(spec, heads=2)  # first eager use on the CPU fills the table
+    n = spec.num_tokens
+    compiled = torch.compile(spec.mask_mod, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(torch.tensor(0), torch.arange(2).view(2, 1, 1), torch.arange(n).view(1, -1, 1),
+                       torch.arange(n).view(1, 1, -1))
+    assert torch.equal(got, eager)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert pickle.loads(pickle.dumps(spec)) == spec
+
+
 @pytest.mark.parametrize("position", ["prefix", "suffix"])
 def test_text_rows_and_columns_are_dense(position):
     base = NeighborhoodMask((5, 6), 3)

@@ -551,3 +551,22 @@ def test_cli_generate_with_gna(tmp_path):
     assert any(tmp_path.rglob("*.png"))
     result = CliRunner().invoke(app, args[:-6] + ["--set", "kernel_size=1"])
     assert isinstance(result.exception, DiffAccelError) and "kernel_size must be >= 2" in str(result.exception)
+
+
+def test_other_methods_warn_when_clear_weights_linger(tmp_path):
+    """load_clear_weights changes the model in place: a later non-CLEAR method runs on those weights and says so."""
+    import warnings
+
+    from diffaccel.pipelines.clear_weights import load_clear_weights
+    from diffaccel.warn import DiffAccelWarning
+
+    model = tiny_flux()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiffAccelWarning)
+        diffaccel.apply(model, "dense")  # no CLEAR weights: no warning
+    diffaccel.remove(model)
+    _clear_file(model, tmp_path / "clear_local_8.safetensors")
+    load_clear_weights(model, tmp_path, radius=8)
+    with pytest.warns(DiffAccelWarning, match="CLEAR's distilled attention projections"):
+        diffaccel.apply(model, "dense")
+    diffaccel.remove(model)

@@ -349,3 +349,30 @@ def test_apply_name_dispatches(sd3):
         diffaccel.remove(sd3)
     assert isinstance(proc.method, SoftPAGMethod)
     torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_separate_cfg_calls_with_an_even_batch_are_refused():
+    """Wan calls the denoiser once for the prompt and once for the negative prompt: with two videos per prompt the
+    batch is even, so only the second call within one scheduler step tells that the pipeline does not batch CFG."""
+    pipe = build_tiny("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    enable_softpag(pipe, layers=["blocks.0"])
+    kwargs = tiny_spec("tiny-wan").call_kwargs(output_type="latent", num_inference_steps=1)
+    try:
+        with pytest.raises(UnsupportedModelError, match="twice in one denoising step"):
+            pipe(PROMPT, guidance_scale=4.0, num_videos_per_prompt=2, **kwargs)
+        pipe(PROMPT, guidance_scale=1.0, num_videos_per_prompt=2, **kwargs)  # no CFG: one call per step, runs
+        pipe(PROMPT, guidance_scale=1.0, num_videos_per_prompt=2, **kwargs)  # a new run is a new step
+    finally:
+        diffaccel.remove(pipe)
+
+
+def test_batched_cfg_runs_one_step_after_another(sd3):
+    """Two one-step runs in a row meet the same timestep twice: a new run (new scheduler timesteps) is no error."""
+    enable_softpag(sd3, layers=["transformer_blocks.0"])
+    try:
+        first = run(sd3, "tiny-sd3", guidance_scale=4.0, num_inference_steps=1)
+        second = run(sd3, "tiny-sd3", guidance_scale=4.0, num_inference_steps=1)
+    finally:
+        diffaccel.remove(sd3)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

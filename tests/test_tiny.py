@@ -25,7 +25,7 @@ def run(pipe, name: str, seed: int = 0) -> torch.Tensor:
 
 
 def require_adapters(pipe) -> None:
-    """Skip when the adapter of this pipeline's family is not registered yet (checks the registry, no guess)."""
+    """Fail when the adapter of this pipeline's family is not registered (checks the registry, no guess)."""
     from diffaccel.pipelines.adapters.base import family_of, supported_processors
 
     supported = set(supported_processors())
@@ -33,10 +33,10 @@ def require_adapters(pipe) -> None:
         try:
             family_of(model)
         except UnsupportedModelError as exc:
-            pytest.skip(f"adapter not registered: {exc}")
+            pytest.fail(f"adapter not registered: {exc}")
         missing = {type(m.processor).__name__ for m in attention_modules(model).values()} - supported
         if missing:
-            pytest.skip(f"adapter not registered for processors {sorted(missing)}")
+            pytest.fail(f"adapter not registered for processors {sorted(missing)}")
 
 
 @pytest.fixture(scope="module")

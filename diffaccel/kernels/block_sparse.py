@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -292,19 +293,8 @@ def _split_tail(Idx, n_blocks, kv_len, num_kv_blocks, KV_BLOCK: tl.constexpr, BL
     return n_main, tail_end
 
 
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS],
-    key=["len_bucket", "Q_BLOCK", "KV_BLOCK", "HEAD_DIM_PAD", "MASK_KIND", "TEXT_MODE", "QK_INT8", "PV_INT8",
-         "HAS_PARTIAL"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
-@triton.heuristics({
-    "EVEN_M": lambda a: a["q_len"] % a["BLOCK_M"] == 0,
-    "EVEN_N": lambda a: a["kv_len"] % a["KV_BLOCK"] == 0,
-    "EVEN_D": lambda a: a["HEAD_DIM"] == a["HEAD_DIM_PAD"],
-})
 @triton.jit(do_not_specialize=["len_bucket"])
-def _block_sparse_fwd_kernel(
+def _block_sparse_fwd(
     Q, K, V, Out, Lse, QScale, KScale, VScale,
     KvNum, KvIdx, FullNum, FullIdx, Table,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -410,6 +400,20 @@ def _block_sparse_fwd_kernel(
         tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=offs_m < q_len)
 
 
+# The first call per tuning key goes through Triton's autotuner (benchmarks the configs, or takes the single pruned
+# one); later calls launch the JIT function directly with the config it chose (see ``launch``), skipping the
+# autotuner's and heuristics' per-call Python work (key building over all ~70 arguments, argument dicts).
+_block_sparse_fwd_kernel = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CONFIGS],
+    key=["len_bucket", "Q_BLOCK", "KV_BLOCK", "HEAD_DIM_PAD", "MASK_KIND", "TEXT_MODE", "QK_INT8", "PV_INT8",
+         "HAS_PARTIAL"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(triton.heuristics({
+    "EVEN_M": lambda a: a["q_len"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["kv_len"] % a["KV_BLOCK"] == 0,
+    "EVEN_D": lambda a: a["HEAD_DIM"] == a["HEAD_DIM_PAD"],
+})(_block_sparse_fwd))
+
 def quantize_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: SparseBlockMask, scale: float,
     qk_int8: bool, pv_int8: bool,
@@ -429,6 +433,79 @@ def quantize_inputs(
     return q_in, k_in, v_in, q_scales, k_scales, v_scales, km
 
 
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class _MaskArgs:
+    """Everything the kernel takes from one block mask, derived once per mask (cached on it by :func:`_mask_args`).
+
+    ``tensors``: KvNum, KvIdx, FullNum, FullIdx, Table; ``strides``: the mask's batch/head strides and the table's
+    head stride; ``lengths``: q_len, kv_len, num_kv_blocks, n_q_scales, n_k_scales; ``coords``: len_bucket, n_text,
+    n_vis, G0..G2, P0..P11; ``constexprs``: the mask's compile-time arguments (EVEN_N included).
+    """
+
+    tensors: tuple
+    strides: tuple
+    lengths: tuple
+    coords: tuple
+    constexprs: dict
+    tune_key: tuple
+
+
+def _mask_args(block_mask: SparseBlockMask) -> _MaskArgs:
+    cached = block_mask.derived.get("block_sparse_launch")
+    if cached is not None:
+        return cached
+    spec = block_mask.spec
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    assert fnum is not None and fidx is not None
+    mb, mh = num.shape[:2]
+    nqb, nkb = block_mask.num_q_blocks, block_mask.num_kv_blocks
+    Lq, Lk = block_mask.q_len, block_mask.kv_len
+    if spec is None:
+        kind, text_mode, n_text, n_vis, grid3, params, table = KIND_NONE, 0, 0, Lk, (1, 1, 1), (0,) * 12, None
+        ndim, has_dil = 1, False
+    else:
+        kind, text_mode, n_text, n_vis = spec.kind, spec.text_mode, spec.num_text, spec.num_visual
+        grid3, params, table = spec.kernel_grid(), spec.kernel_params(), spec.kernel_table(num.device)
+        ndim, has_dil = spec.kernel_ndim, spec.kernel_has_dilation
+    stride_th = 0
+    if table is None:
+        table = num
+    elif table.shape[0] > 1:
+        stride_th = table.stride(0)
+    len_bucket = _next_pow2(max(Lq, Lk))  # autotuning key only: long sequences tune apart from short ones
+    constexprs = dict(
+        Q_BLOCK=block_mask.q_block_size, KV_BLOCK=block_mask.kv_block_size, MASK_KIND=kind, TEXT_MODE=text_mode,
+        NDIM=ndim, HAS_DIL=has_dil, HAS_PARTIAL=block_mask.num_partial > 0,
+    )
+    args = _MaskArgs(
+        tensors=(num, idx, fnum, fidx, table),
+        strides=(mh * nqb if mb > 1 else 0, nqb if mh > 1 else 0, mh * nqb * nkb if mb > 1 else 0,
+                 nqb * nkb if mh > 1 else 0, stride_th),
+        lengths=(Lq, Lk, nkb, _cdiv(Lq, block_mask.q_block_size), _cdiv(Lk, block_mask.kv_block_size)),
+        coords=(len_bucket, n_text, n_vis, *grid3, *params),
+        constexprs=constexprs,
+        tune_key=(len_bucket, block_mask.q_block_size, block_mask.kv_block_size, kind, text_mode,
+                  block_mask.num_partial > 0),
+    )
+    block_mask.derived["block_sparse_launch"] = args
+    return args
+
+
+_TUNED: dict[tuple, dict] = {}
+"""Launch options (``Config.all_kwargs()``) the autotuner chose, per autotuning key (its key plus the dtypes)."""
+_last_config: dict | None = None
+"""The options of the latest launch (the benchmark reports them)."""
+
+
 def launch(
     q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
     q_scales: torch.Tensor | None, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
@@ -436,48 +513,40 @@ def launch(
 ) -> None:
     """Run the kernel on prepared operands (see :func:`quantize_inputs`); writes ``out`` (and ``lse``)."""
     B, H, Lq, D = q_in.shape
-    Lk = k_in.shape[2]
     qk_int8, pv_int8 = q_scales is not None, v_scales is not None
-    head_dim_pad = max(16, triton.next_power_of_2(D))
-    spec = block_mask.spec
-    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
-    fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
-    assert fnum is not None and fidx is not None
-    mb, mh = num.shape[:2]
-    nqb, nkb = block_mask.num_q_blocks, block_mask.num_kv_blocks
-
-    if spec is None:
-        kind, text_mode, n_text, n_vis, grid3, params, table = KIND_NONE, 0, 0, Lk, (1, 1, 1), (0,) * 12, None
-        ndim, has_dil = 1, False
-    else:
-        kind, text_mode, n_text, n_vis = spec.kind, spec.text_mode, spec.num_text, spec.num_visual
-        grid3, params, table = spec.kernel_grid(), spec.kernel_params(), spec.kernel_table(q_in.device)
-        ndim, has_dil = spec.kernel_ndim, spec.kernel_has_dilation
-    stride_th = 0
-    if table is None:
-        table = num
-    elif table.shape[0] > 1:
-        stride_th = table.stride(0)
+    head_dim_pad = max(16, _next_pow2(D))
+    m = _mask_args(block_mask)
     dummy = out
     # Triton's interpreter (3.9) computes bfloat16 dots wrongly: there, dot operands are upcast to float32 after the
     # same roundings (P is still rounded to bfloat16 first). Compiled kernels use bfloat16 tensor-core dots.
     dot_upcast = _interpreting() and dtype == torch.bfloat16
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _block_sparse_fwd_kernel[grid](
+    args = (
         q_in, k_in, v_in, out, lse if lse is not None else dummy,
         q_scales if qk_int8 else dummy, k_scales if qk_int8 else dummy, v_scales if pv_int8 else dummy,
-        num, idx, fnum, fidx, table,
+        *m.tensors,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
-        mh * nqb if mb > 1 else 0, nqb if mh > 1 else 0, mh * nqb * nkb if mb > 1 else 0, nqb * nkb if mh > 1 else 0,
-        stride_th,
-        H, Lq, Lk, nkb, triton.cdiv(Lq, block_mask.q_block_size), triton.cdiv(Lk, block_mask.kv_block_size),
-        scale * LOG2E,
-        triton.next_power_of_2(max(Lq, Lk)),  # autotuning key only: long sequences tune apart from short ones
-        n_text, n_vis, *grid3, *params,
-        Q_BLOCK=block_mask.q_block_size, KV_BLOCK=block_mask.kv_block_size,
-        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, MASK_KIND=kind, TEXT_MODE=text_mode, NDIM=ndim, HAS_DIL=has_dil,
-        QK_INT8=qk_int8, PV_INT8=pv_int8, HAS_PARTIAL=block_mask.num_partial > 0, RETURN_LSE=lse is not None,
-        DOT_PRECISION="ieee" if dtype == torch.float32 or dot_upcast else "tf32", DOT_UPCAST=dot_upcast,
+        *m.strides, H, *m.lengths, scale * LOG2E, *m.coords,
+    )
+    constexprs = dict(
+        m.constexprs, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, QK_INT8=qk_int8, PV_INT8=pv_int8,
+        RETURN_LSE=lse is not None, DOT_PRECISION="ieee" if dtype == torch.float32 or dot_upcast else "tf32",
+        DOT_UPCAST=dot_upcast,
+    )
+    # The autotuner's key: its key arguments plus the dtype of every tensor argument (fixed by these).
+    key = (*m.tune_key, head_dim_pad, qk_int8, pv_int8, lse is not None, dtype, q_in.dtype, v_in.dtype)
+    global _last_config
+    config = _TUNED.get(key)
+    if config is None:
+        grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _block_sparse_fwd_kernel[grid](*args, **constexprs)
+        _TUNED[key] = _last_config = _block_sparse_fwd_kernel.best_config.all_kwargs()
+        return
+    _last_config = config
+    # Same launch as the autotuner's cached path: its chosen config, and the heuristics' EVEN_* values.
+    _block_sparse_fwd[(_cdiv(Lq, config["BLOCK_M"]), B * H)](
+        *args, **constexprs, **config,
+        EVEN_M=Lq % config["BLOCK_M"] == 0, EVEN_N=block_mask.kv_len % block_mask.kv_block_size == 0,
+        EVEN_D=D == head_dim_pad,
     )
 
 
@@ -520,10 +589,10 @@ BENCH_SHAPES = {
 
 
 def _chosen_config() -> str:
-    c = getattr(_block_sparse_fwd_kernel, "best_config", None)
+    c = _last_config
     if c is None:
         return "?"
-    return f"{c.kwargs.get('BLOCK_M')}x{c.kwargs.get('BLOCK_N')}/w{c.num_warps}/s{c.num_stages}"
+    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')}/w{c.get('num_warps')}/s{c.get('num_stages')}"
 
 
 def random_block_mask(heads: int, n: int, block: int, density: float, device, seed: int = 0) -> SparseBlockMask:

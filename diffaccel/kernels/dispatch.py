@@ -91,10 +91,35 @@ def _as_sparse_block_mask(block_mask: Any, mask_spec: Spec | None) -> SparseBloc
     except ImportError:  # pragma: no cover - torch without FlexAttention
         BlockMask = ()  # type: ignore[assignment]
     if BlockMask and isinstance(block_mask, BlockMask):
-        return SparseBlockMask.from_block_mask(block_mask, spec=mask_spec)
+        return _converted(block_mask, mask_spec)
     raise TypeError(
         f"block_mask must be a diffaccel SparseBlockMask or a torch BlockMask, got {type(block_mask).__name__}"
     )
+
+
+def _converted(block_mask: Any, mask_spec: Spec | None) -> SparseBlockMask:
+    """``SparseBlockMask.from_block_mask``, memoized on the BlockMask: converting validates the block lists, which
+    reads device values (synchronizations on CUDA), so it runs once per BlockMask, not once per attention call.
+
+    The memo is keyed by the spec and the identity and version counter of the BlockMask's four block tensors, so
+    reassigning or modifying them in place converts again.
+    """
+    tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+               block_mask.full_kv_indices)
+    versions = tuple(-1 if t is None else t._version for t in tensors)
+    shape = (tuple(block_mask.BLOCK_SIZE), tuple(block_mask.seq_lengths))
+    memo = getattr(block_mask, "_diffaccel_sparse", None)
+    if memo is not None:
+        spec, mask_mod, m_shape, m_tensors, m_versions, converted = memo
+        if ((spec is mask_spec or spec == mask_spec) and mask_mod is block_mask.mask_mod and m_shape == shape
+                and all(a is b for a, b in zip(m_tensors, tensors)) and m_versions == versions):
+            return converted
+    converted = SparseBlockMask.from_block_mask(block_mask, spec=mask_spec)
+    try:
+        block_mask._diffaccel_sparse = (mask_spec, block_mask.mask_mod, shape, tensors, versions, converted)
+    except AttributeError:  # pragma: no cover - a BlockMask that takes no attributes: convert every call
+        pass
+    return converted
 
 
 def _check_mask(bm: SparseBlockMask, q: torch.Tensor, k: torch.Tensor) -> None:

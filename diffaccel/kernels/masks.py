@@ -376,8 +376,31 @@ class TileMask(MaskSpec):
     def kernel_table(self, device: torch.device | str) -> torch.Tensor:
         return _tile_table(self, str(torch.device(device)))
 
+    @functools.cached_property
+    def _bool_tables(self) -> dict[torch.device, torch.Tensor]:
+        """The global-frame table as bool, per device, filled on first eager use there (and by ``kernel_table``'s
+        users through :meth:`bool_table`). ``mask_mod`` reads it with a plain dict lookup, no cached call, so
+        torch.compile (FlexAttention) traces it: the table becomes a captured constant."""
+        return {}
+
+    def bool_table(self, device: torch.device | str) -> torch.Tensor:
+        """``kernel_table(device)`` as bool, created once per device."""
+        device = torch.device(device)
+        table = self._bool_tables.get(device)
+        if table is None:
+            table = self._bool_tables[device] = _tile_table(self, str(device)).bool()
+        return table
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_bool_tables", None)
+        return state
+
     def _visual_mask(self, h, qc, kc):
-        table = self.kernel_table(qc[0].device).bool()
+        tables = self._bool_tables
+        table = tables.get(qc[0].device)
+        if table is None:  # first eager use on this device; traced calls find it filled
+            table = self.bool_table(qc[0].device)
         fq, fk = qc[0], kc[0]
         head = h if self.per_head else torch.zeros_like(fq)
         gq = table[head, fq]
@@ -552,6 +575,8 @@ class SparseBlockMask:
     spec: Spec | None = None
     num_full: int = field(init=False, default=0)
     num_partial: int = field(init=False, default=0)
+    derived: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+    """Per-mask values the kernels derive from it once (launch arguments), keyed by their user; not part of it."""
 
     def __post_init__(self) -> None:
         for name in ("q_len", "kv_len", "q_block_size", "kv_block_size"):

@@ -61,11 +61,12 @@ def quantize_per_block(
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
     B, H, N, D = x.shape
-    nb = triton.cdiv(N, block_size)
+    nb = -(-N // block_size)
     out = torch.empty(B, H, N, D, dtype=torch.int8, device=x.device)
     scales = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
     if mean is not None:
-        mean = mean.float().contiguous()
+        if mean.dtype != torch.float32 or not mean.is_contiguous():
+            mean = mean.float().contiguous()
         if mean.shape != (B, H, D):
             raise ValueError(f"mean must have shape {(B, H, D)}, got {tuple(mean.shape)}")
     m = mean if mean is not None else scales  # dummy pointer when unused
@@ -74,7 +75,7 @@ def quantize_per_block(
         *x.stride(), *out.stride(),
         (m.stride(0) if mean is not None else 0), (m.stride(1) if mean is not None else 0),
         H, N, nb, float(premultiply),
-        HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK=block_size, HAS_MEAN=mean is not None,
+        HEAD_DIM=D, HEAD_DIM_PAD=max(16, 1 << (D - 1).bit_length()), BLOCK=block_size, HAS_MEAN=mean is not None,
         num_warps=4,
     )
     return out, scales

@@ -184,6 +184,7 @@ class SoftPAGMethod:
         """Replace the perturbed (module name or parent name) -> heads selection (``None``: every head)."""
         self._selection = dict(selection)
         self._per_layer: dict[str, tuple[int, ...] | None | bool] = {}
+        self._head_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     @property
     def selection(self) -> dict[str, tuple[int, ...] | None]:
@@ -230,7 +231,11 @@ class SoftPAGMethod:
                       "queries, so no identity map exists; the layer is not perturbed")
             return out
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return soft_identity(out, q, k, v, layout, rows, heads, strength, self.config.identity, scale)
+        key = (tuple(heads), out.device)
+        idx = self._head_index.get(key)
+        if idx is None:  # built once per head list and device: no host-to-device copy in every layer call
+            idx = self._head_index[key] = torch.tensor(heads, device=out.device)
+        return soft_identity(out, q, k, v, layout, rows, idx, strength, self.config.identity, scale)
 
     def __repr__(self) -> str:
         return f"SoftPAGMethod(inner={self.inner!r}, heads={self._selection}, strength={self.config.strength})"
@@ -243,17 +248,17 @@ def soft_identity(
     v: torch.Tensor,
     layout: TokenLayout,
     rows: slice,
-    heads: list[int],
+    heads: list[int] | torch.Tensor,
     strength: float,
     identity: str,
     scale: float,
 ) -> torch.Tensor:
-    """``out`` with ``(1 - strength)·out + strength·target`` on batch ``rows`` and ``heads``.
+    """``out`` with ``(1 - strength)·out + strength·target`` on batch ``rows`` and ``heads`` (indices or a tensor).
 
     ``target`` is ``V`` (``identity="full"``) or the image→image-identity attention output (``"image"``, equal
     to ``V`` when the call has no text tokens; text rows keep ``out``).
     """
-    idx = torch.tensor(heads, device=out.device)
+    idx = heads if isinstance(heads, torch.Tensor) else torch.tensor(heads, device=out.device)
     part = out[rows].index_select(1, idx)
     values = v[rows].index_select(1, idx)
     if identity == "image" and layout.num_text:

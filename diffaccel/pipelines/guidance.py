@@ -107,6 +107,7 @@ class GuidanceHooks:
         self.timestep_scale = TIMESTEP_SCALE.get(type(model).__name__, 1.0)
         self._signature = inspect.signature(model.forward)
         self._call: dict[str, Any] | None = None
+        self._last_position: tuple[Any, Any] | None = None
         self._handles = [
             model.register_forward_pre_hook(self.before, with_kwargs=True),
             model.register_forward_hook(self.after, with_kwargs=True),
@@ -139,7 +140,30 @@ class GuidanceHooks:
             )
         return cfg
 
+    def _check_one_call_per_step(self) -> None:
+        """Refuse a second denoiser call within one scheduler step: the pipeline runs CFG as separate calls.
+
+        Wan, Chroma, CogView4 and FLUX with ``true_cfg_scale > 1`` call the denoiser once for the prompt and once for
+        the negative prompt and combine the two themselves; an even batch would pass the ``[uncond, cond]`` check and
+        be split wrongly. A step is told by the scheduler's ``timesteps`` tensor (new at every ``set_timesteps``, so
+        a new run is a new step) and its ``step_index`` (advanced by every ``scheduler.step``, Heun's second-order
+        calls included).
+        """
+        scheduler = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or not hasattr(scheduler, "step_index"):
+            return
+        position = (timesteps, scheduler.step_index)
+        last, self._last_position = self._last_position, position
+        if last is not None and last[0] is position[0] and last[1] == position[1]:
+            raise UnsupportedModelError(
+                f"softpag: {type(self.pipe).__name__} called {type(self.model).__name__} twice in one denoising step "
+                f"(step_index {position[1]}): pipelines that call the denoiser separately for the negative prompt are "
+                "not supported (use guidance_scale <= 1, or true_cfg_scale <= 1 for FLUX)"
+            )
+
     def before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        self._check_one_call_per_step()
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         latent = next((bound[n] for n in LATENT_ARGUMENTS if isinstance(bound.get(n), torch.Tensor)), None)
         if latent is None:

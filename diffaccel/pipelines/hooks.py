@@ -10,6 +10,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod
+from diffaccel.warn import warn_once
 from diffaccel.pipelines.adapters.base import (
     adapter_for,
     bind_forward_args,
@@ -91,6 +92,7 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     if scheduler is not None:
         ctx.num_steps_fn = lambda: _scheduler_steps(scheduler)
     for model in models:
+        _warn_if_clear_weights_linger(model, processor)
         for prefix in family_of(model).text_only_modules:
             mark_text_only(model.get_submodule(prefix))
         modules = attention_modules(model)
@@ -152,6 +154,21 @@ def _recover_stock_processor(module: torch.nn.Module) -> Any:
     return cls()
 
 
+def _warn_if_clear_weights_linger(model: torch.nn.Module, processor: DiffAccelAttnProcessor) -> None:
+    """CLEAR's distilled projections replace the model's own weights in place and stay after remove()."""
+    from diffaccel.pipelines.clear_weights import installed_clear_weights
+
+    if getattr(processor.method, "name", None) == "clear":
+        return
+    if installed_clear_weights(model) is not None:
+        warn_once(
+            "clear-weights-linger",
+            f"{type(model).__name__} still holds CLEAR's distilled attention projections (load_clear_weights "
+            f"changed them in place); method {processor.method.name!r} runs on those weights. Reload the model "
+            "for its original weights.",
+        )
+
+
 def installed_processor(model: torch.nn.Module) -> DiffAccelAttnProcessor | None:
     inst = model.__dict__.get("_diffaccel_installation")
     return None if inst is None else inst.processor
@@ -182,4 +199,5 @@ def _scheduler_steps(scheduler: Any) -> int | None:
     if timesteps is None:
         return None
     order = int(getattr(scheduler, "order", 1) or 1)
-    return len(timesteps) // order
+    # second-order schedulers (Heun) hold 2n - 1 timesteps for n steps: the first step has one evaluation
+    return -(-len(timesteps) // order)
