@@ -1,8 +1,9 @@
 """Where tokens sit in an attention call: the text slice and the visual grid.
 
 Methods never guess the model's token order: adapters build a :class:`TokenLayout` for every call, and
-methods read the text slice and the visual grid from it. SD3 puts text after the image tokens, FLUX,
-HunyuanVideo (dual-stream) and CogVideoX before; Wan's self-attention has none.
+methods read the text slice and the visual grid from it. SD3 and HunyuanVideo put text after the visual tokens,
+FLUX and CogVideoX before; Wan's self-attention has none. Everything else a method would otherwise guess about the
+model (padded prompts, the UNet level) is a field here, filled by the adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class TokenLayout:
         is_cross: cross-attention (queries visual, keys from the text encoder). Methods keep it dense unless
             they say otherwise.
         num_keys: key length, when it differs from ``num_tokens`` (cross-attention).
+        text_lengths: valid text tokens per batch row when the prompt is padded (HunyuanVideo), as host ints; the
+            valid tokens come first inside the text slice. When set, the call's ``attn_mask`` is exactly the
+            key-padding mask these lengths describe, so a method may use the lengths instead of reading the mask.
+            ``None``: every text token is valid (or the call has an ``attn_mask`` of another kind).
+        downsample: how many times smaller (per spatial axis) this call's grid is than the denoiser's latent grid:
+            1 on DiTs and on a UNet's highest-resolution level, 2, 4, ... on the lower UNet levels.
+        hierarchical: the grid is one level of a multi-resolution denoiser (a UNet), not the single token grid of
+            a transformer.
     """
 
     num_tokens: int
@@ -37,6 +46,9 @@ class TokenLayout:
     text: slice | None = None
     is_cross: bool = False
     num_keys: int | None = None
+    text_lengths: tuple[int, ...] | None = None
+    downsample: int = 1
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:
@@ -52,7 +64,7 @@ class TokenLayout:
             start, stop, step = self.text.indices(self.num_tokens)
             if step != 1 or stop < start:
                 raise LayoutError(f"text must be a contiguous slice, got {self.text}")
-            if start not in (0,) and stop != self.num_tokens:
+            if start != 0 and stop != self.num_tokens:
                 raise LayoutError(f"text must be a prefix or a suffix of the sequence, got {self.text}")
             object.__setattr__(self, "text", slice(start, stop))
         if self.grid is not None and not self.is_cross:
@@ -62,6 +74,16 @@ class TokenLayout:
                     f"grid {self.grid} holds {math.prod(self.grid)} tokens but the call has {expected} visual tokens "
                     f"({self.num_tokens} tokens, {self.num_text} text)"
                 )
+
+        if self.text_lengths is not None:
+            lengths = tuple(int(n) for n in self.text_lengths)
+            if not lengths or any(not 0 <= n <= self.num_text for n in lengths):
+                raise LayoutError(
+                    f"text_lengths must be one integer per batch row in [0, {self.num_text}], got {self.text_lengths}"
+                )
+            object.__setattr__(self, "text_lengths", lengths)
+        if isinstance(self.downsample, bool) or not isinstance(self.downsample, int) or self.downsample < 1:
+            raise LayoutError(f"downsample must be an integer >= 1, got {self.downsample!r}")
 
     @property
     def num_text(self) -> int:

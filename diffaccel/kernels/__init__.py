@@ -8,7 +8,12 @@
 Importing this package needs torch only; Triton is imported when a Triton kernel first runs.
 """
 
-from diffaccel.kernels.dispatch import block_sparse_attention, quantize_per_block, triton_usable
+from diffaccel.kernels.dispatch import (
+    block_sparse_attention,
+    block_sparse_attention_unchecked,
+    quantize_per_block,
+    triton_usable,
+)
 from diffaccel.kernels.masks import (
     CircleMask,
     CustomMask,
@@ -32,6 +37,7 @@ __all__ = [
     "TextSpec",
     "TileMask",
     "block_sparse_attention",
+    "block_sparse_attention_unchecked",
     "block_sparse_attention_reference",
     "classify_blocks",
     "materialize_mask",

@@ -152,6 +152,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     mask_spec: Spec | None = None,
+    token_order: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the key blocks ``block_mask`` keeps; the block-sparse analogue of SDPA.
@@ -174,6 +175,11 @@ def block_sparse_attention(
         return_lse: also return the natural-log log-sum-exp of each query row, float32 ``(batch, heads, q_len)``.
         out: optional preallocated output (same shape, dtype and device as ``q``), written in full.
         mask_spec: element mask for a torch ``BlockMask``'s partial blocks (ignored for a SparseBlockMask: error).
+        token_order: optional integer tensor ``(tokens,)`` or ``(heads, tokens)`` (self/joint attention only,
+            q_len == kv_len): kernel position ``i`` holds sequence row ``token_order[..., i]``. Q, K and V rows are
+            read through it and output (and LSE) rows written back through it, so the result is in sequence order;
+            the block mask is in kernel order, and element masks of partial blocks are evaluated on the sequence
+            positions ``(token_order[i], token_order[j])``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see the module docstring).
 
     Returns:
@@ -181,6 +187,11 @@ def block_sparse_attention(
         log-sum-exp ``-inf``.
     """
     _check_qkv(q, k, v)
+    if token_order is not None:
+        return _with_token_order(
+            q, k, v, block_mask, token_order, scale=scale, qk_int8=qk_int8, pv_int8=pv_int8,
+            return_lse=return_lse, out=out, mask_spec=mask_spec, backend=backend,
+        )
     bm = _as_sparse_block_mask(block_mask, mask_spec)
     _check_mask(bm, q, k)
     D = q.shape[-1]
@@ -215,6 +226,35 @@ def block_sparse_attention(
         out.copy_(result[0] if return_lse else result)
         return (out, result[1]) if return_lse else out
     return result
+
+
+def _with_token_order(q, k, v, block_mask, token_order, *, out, **kwargs):
+    """Interim token-order path: gather, run, scatter (full blocks only). The kernel reads through the order."""
+    bm = _as_sparse_block_mask(block_mask, kwargs.get("mask_spec"))
+    if bm.num_partial:
+        raise NotImplementedError("token_order with partial blocks is not supported yet")
+    order = token_order.long()
+    def gather(t):
+        if order.dim() == 1:
+            return t.index_select(2, order)
+        return torch.gather(t, 2, order[None, :, :, None].expand(t.shape[0], -1, -1, t.shape[-1]))
+    res = block_sparse_attention(gather(q), gather(k), gather(v), block_mask, **kwargs)
+    o, lse = (res if kwargs.get("return_lse") else (res, None))
+    result = torch.empty_like(o) if out is None else out
+    if order.dim() == 1:
+        result.index_copy_(2, order, o)
+    else:
+        result.scatter_(2, order[None, :, :, None].expand(o.shape[0], -1, -1, o.shape[-1]), o)
+    if lse is None:
+        return result
+    lse_seq = torch.empty_like(lse)
+    lse_seq.scatter_(2, (order if order.dim() == 2 else order[None]).expand(lse.shape[1], -1)[None].expand(lse.shape[0], -1, -1), lse)
+    return result, lse_seq
+
+
+def block_sparse_attention_unchecked(q, k, v, block_mask, **kwargs):
+    """Internal entry for methods: the arguments were validated when the plan was built (no per-call checks)."""
+    return block_sparse_attention(q, k, v, block_mask, **kwargs)
 
 
 def quantize_per_block(
