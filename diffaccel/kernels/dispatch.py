@@ -228,28 +228,35 @@ def block_sparse_attention(
     return result
 
 
-def _with_token_order(q, k, v, block_mask, token_order, *, out, **kwargs):
-    """Interim token-order path: gather, run, scatter (full blocks only). The kernel reads through the order."""
-    bm = _as_sparse_block_mask(block_mask, kwargs.get("mask_spec"))
-    if bm.num_partial:
-        raise NotImplementedError("token_order with partial blocks is not supported yet")
-    order = token_order.long()
-    def gather(t):
-        if order.dim() == 1:
-            return t.index_select(2, order)
-        return torch.gather(t, 2, order[None, :, :, None].expand(t.shape[0], -1, -1, t.shape[-1]))
-    res = block_sparse_attention(gather(q), gather(k), gather(v), block_mask, **kwargs)
-    o, lse = (res if kwargs.get("return_lse") else (res, None))
-    result = torch.empty_like(o) if out is None else out
-    if order.dim() == 1:
-        result.index_copy_(2, order, o)
+def _with_token_order(q, k, v, block_mask, token_order, *, out, backend, **kwargs):
+    """Interim token-order path: Triton on gathered inputs for masks without partial blocks, else the reference.
+
+    The kernel slice of issue 8 replaces this with gathered loads and scattered stores inside the kernel.
+    """
+    bm = _as_sparse_block_mask(block_mask, kwargs.pop("mask_spec", None))
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"token_order needs q_len == kv_len (self/joint attention), got {q.shape[2]} and {k.shape[2]}")
+    if bm.num_partial == 0 and _choose_backend(backend, q.device, "block_sparse_attention") == "triton":
+        res = block_sparse_attention(
+            reference.gather_tokens(q, token_order), reference.gather_tokens(k, token_order),
+            reference.gather_tokens(v, token_order), bm, backend=backend, **kwargs,
+        )
     else:
-        result.scatter_(2, order[None, :, :, None].expand(o.shape[0], -1, -1, o.shape[-1]), o)
-    if lse is None:
-        return result
-    lse_seq = torch.empty_like(lse)
-    lse_seq.scatter_(2, (order if order.dim() == 2 else order[None]).expand(lse.shape[1], -1)[None].expand(lse.shape[0], -1, -1), lse)
-    return result, lse_seq
+        res = reference.block_sparse_attention_reference(q, k, v, bm, token_order=token_order, **kwargs)
+        res = (res[0], res[1]) if kwargs.get("return_lse") else res
+        if out is not None:
+            out.copy_(res[0] if kwargs.get("return_lse") else res)
+            return (out, res[1]) if kwargs.get("return_lse") else out
+        return res
+    if kwargs.get("return_lse"):
+        o = reference.scatter_tokens(res[0], token_order)
+        lse = reference.scatter_tokens(res[1], token_order)
+    else:
+        o, lse = reference.scatter_tokens(res, token_order), None
+    if out is not None:
+        out.copy_(o)
+        o = out
+    return (o, lse) if lse is not None else o
 
 
 def block_sparse_attention_unchecked(q, k, v, block_mask, **kwargs):

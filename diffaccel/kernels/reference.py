@@ -20,11 +20,15 @@ _CHUNK_ELEMENTS = 1 << 24
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def materialize_mask(block_mask: SparseBlockMask, rows: torch.Tensor | None = None) -> torch.Tensor:
+def materialize_mask(
+    block_mask: SparseBlockMask, rows: torch.Tensor | None = None, token_order: torch.Tensor | None = None
+) -> torch.Tensor:
     """The element mask a :class:`SparseBlockMask` keeps, ``(B or 1, H or 1, len(rows), kv_len)`` bool.
 
     An element is kept when its key block is full for its query block, or partial and the spec's ``mask_mod``
     keeps it. ``rows`` selects query positions (default: all); use it to bound memory on long sequences.
+    With ``token_order`` (``(tokens,)`` or ``(heads, tokens)``), positions are kernel positions: blocks are read
+    at kernel positions and the ``mask_mod`` at the sequence positions ``token_order[..., i]``.
     """
     device = block_mask.device
     if rows is None:
@@ -41,9 +45,35 @@ def materialize_mask(block_mask: SparseBlockMask, rows: torch.Tensor | None = No
         return keep_full | keep_part
     bm, hm = full.shape[:2]
     b = torch.arange(bm, device=device).view(-1, 1, 1, 1)
+    if token_order is None:
+        q_pos, k_pos = rows.view(1, 1, -1, 1), kv.view(1, 1, 1, -1)
+    else:
+        order = token_order.to(device).long().reshape(-1, block_mask.q_len)
+        q_pos = order[:, rows].view(1, order.shape[0], -1, 1)
+        k_pos = order.view(1, order.shape[0], 1, -1)
+        hm = max(hm, order.shape[0])
     h = torch.arange(hm, device=device).view(1, -1, 1, 1)
-    elem = spec.mask_mod(b, h, rows.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
+    elem = spec.mask_mod(b, h, q_pos, k_pos)
     return keep_full | (keep_part & elem)
+
+
+def gather_tokens(x: torch.Tensor, token_order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(B, H, N, D)`` in kernel order: ``out[:, h, i] = x[:, h, token_order[(h,) i]]``."""
+    order = token_order.to(x.device).long()
+    if order.dim() == 1:
+        return x.index_select(2, order)
+    return torch.gather(x, 2, order[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, token_order: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_tokens` for ``(B, H, N, D)`` or ``(B, H, N)`` tensors: rows back in sequence order."""
+    order = token_order.to(x.device).long()
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(-1)
+    index = (order if order.dim() == 2 else order.expand(x.shape[1], -1))[None, :, :, None]
+    out = torch.empty_like(x).scatter_(2, index.expand(x.shape[0], -1, -1, x.shape[-1]), x)
+    return out.squeeze(-1) if squeeze else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,8 +132,12 @@ def block_sparse_attention_reference(
     qk_int8: bool = False,
     pv_int8: bool = False,
     return_lse: bool = False,
+    token_order: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to the elements ``block_mask`` keeps (see :func:`materialize_mask`), in float32.
+
+    ``token_order``: see :func:`diffaccel.kernels.block_sparse_attention`; inputs are gathered into kernel order,
+    the mask evaluated there (element masks on sequence positions) and the outputs scattered back.
 
     Rows with no kept key give zeros and log-sum-exp ``-inf``. ``qk_int8`` simulates the kernel's quantization:
     K smoothed by its per-channel token mean, Q and K quantized per mask block (Q blocks of ``q_block_size``, K
@@ -112,6 +146,15 @@ def block_sparse_attention_reference(
     (PARO); it uses each row's final maximum, where the kernel uses the running one (finer), so the two agree to
     within the quantization error, not exactly.
     """
+    if token_order is not None:
+        res = block_sparse_attention_reference(
+            gather_tokens(q, token_order), gather_tokens(k, token_order), gather_tokens(v, token_order),
+            _OrderedMask(block_mask, token_order), scale=scale, qk_int8=qk_int8, pv_int8=pv_int8,
+            return_lse=return_lse,
+        )
+        if return_lse:
+            return scatter_tokens(res[0], token_order), scatter_tokens(res[1], token_order)
+        return scatter_tokens(res, token_order)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -136,7 +179,10 @@ def block_sparse_attention_reference(
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
     for r0 in range(0, Lq, rows_per_chunk):
         rows = torch.arange(r0, min(Lq, r0 + rows_per_chunk), device=q.device)
-        keep = materialize_mask(block_mask, rows)
+        keep = (
+            materialize_mask(block_mask.mask, rows, block_mask.token_order)
+            if isinstance(block_mask, _OrderedMask) else materialize_mask(block_mask, rows)
+        )
         if qk_int8:
             s = (q8[:, :, rows].float() @ kf.transpose(-1, -2)) * qs_row[:, :, rows, None] * ks_col[:, :, None, :]
         else:
@@ -158,6 +204,17 @@ def block_sparse_attention_reference(
         # Smoothing shifted every logit of a row by scale * q.km; add it back (SageAttention does the same).
         lse = lse + scale * torch.einsum("bhnd,bhd->bhn", q.float(), km)
     return out, lse
+
+
+class _OrderedMask:
+    """A block mask with the token order its element mask is read through (internal to the reference)."""
+
+    def __init__(self, mask: SparseBlockMask, token_order: torch.Tensor) -> None:
+        self.mask, self.token_order = mask, token_order
+        self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
+
+    def to(self, device: torch.device | str) -> "_OrderedMask":
+        return _OrderedMask(self.mask.to(device), self.token_order)
 
 
 def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
