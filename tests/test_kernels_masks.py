@@ -321,7 +321,7 @@ def test_block_mask_with_unknown_mask_mod_becomes_custom():
 
 
 def test_classification_memory_chunks_agree(monkeypatch):
-    import diffaccel.kernels.masks as masks
+    import diffaccel.kernels.masks.block_mask as masks
 
     spec = NeighborhoodMask((12, 12), 5, text=TextSpec(4))
     full, partial = classify_blocks(spec, spec.num_tokens, spec.num_tokens, 16, 16)

@@ -5,7 +5,10 @@
     mask = SparseBlockMask.from_spec(spec, 128, device="cuda")
     out = block_sparse_attention(q, k, v, mask)               # (batch, heads, tokens, head_dim), like SDPA
 
-Importing this package needs torch only; Triton is imported when a Triton kernel first runs.
+Importing this package needs torch only; Triton is imported when a Triton kernel first runs (the mask predicates
+are compiled from :mod:`diffaccel.kernels.masks` when Triton is installed).
+
+Density 1 without INT8/LSE is sent to ``torch.nn.functional.scaled_dot_product_attention`` by ``backend="auto"``.
 """
 
 from diffaccel.kernels.dispatch import (
@@ -45,7 +48,7 @@ __all__ = [
     "triton_usable",
 ]
 
-# Kernel statistics (block attention mass, dense LSE pass) are exported below by kernels/stats.py's author.
+# Kernel statistics: block attention mass from a cached log-sum-exp, and a dense attention pass that returns it.
 from diffaccel.kernels.stats import attention_with_lse, block_attention_mass  # noqa: E402
 
 __all__ += ["attention_with_lse", "block_attention_mass"]

@@ -60,8 +60,8 @@ def install_stubs() -> None:
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    import diffaccel.kernels.block_sparse as block_sparse
     import diffaccel.kernels.dispatch as dispatch
+    import diffaccel.kernels.quant as quant
 
     driver.set_active(_StubDriver())
 
@@ -74,7 +74,7 @@ def install_stubs() -> None:
     dispatch._interpreting = lambda: True  # let dispatch pick Triton for meta tensors
     # torch's meta kernel of mean() runs Python decompositions (~10x a CUDA launch); an allocation of the same
     # result stands in for the one reduction launch it is on CUDA.
-    block_sparse.smoothing_mean = lambda k: torch.empty(
+    quant.smoothing_mean = lambda k: torch.empty(
         k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32, device=k.device
     )
 

@@ -23,15 +23,18 @@ import triton.language as tl
 
 from diffaccel.kernels.reference import quantize_per_channel_reference
 
+LOG2E = 1.4426950408889634
+
 
 @triton.jit
 def _quant_per_block_kernel(
-    X, Mean, Out, Scale,
+    X, Mean, Out, Scale, Order,
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_mb, stride_mh,
+    stride_mb, stride_mh, stride_order_h,
     num_heads, n_tokens, n_blocks, premultiply,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
 ):
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -41,7 +44,11 @@ def _quant_per_block_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_n[:, None] < n_tokens) & (offs_d[None, :] < HEAD_DIM)
     x_base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ORDER:  # gathered load: output row i (kernel order) is input row Order[h, i]
+        rows = tl.load(Order + h.to(tl.int64) * stride_order_h + offs_n, mask=offs_n < n_tokens, other=0)
+    else:
+        rows = offs_n
+    x = tl.load(x_base + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     if HAS_MEAN:
         mean = tl.load(Mean + b * stride_mb + h * stride_mh + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -55,9 +62,14 @@ def _quant_per_block_kernel(
 
 
 def quantize_per_block(
-    x: torch.Tensor, block_size: int, *, mean: torch.Tensor | None = None, premultiply: float = 1.0
+    x: torch.Tensor, block_size: int, *, mean: torch.Tensor | None = None, premultiply: float = 1.0,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`~diffaccel.kernels.reference.quantize_per_block_reference` (same contract)."""
+    """Triton version of :func:`~diffaccel.kernels.reference.quantize_per_block_reference` (same contract).
+
+    ``order`` (int32, contiguous ``(N,)`` or ``(H, N)``): quantize the rows in that order (gathered loads), i.e.
+    the result equals quantizing ``reference.gather_tokens(x, order)``: blocks are blocks of the order.
+    """
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
     B, H, N, D = x.shape
@@ -71,12 +83,13 @@ def quantize_per_block(
             raise ValueError(f"mean must have shape {(B, H, D)}, got {tuple(mean.shape)}")
     m = mean if mean is not None else scales  # dummy pointer when unused
     _quant_per_block_kernel[(nb, B * H)](
-        x, m, out, scales,
+        x, m, out, scales, order if order is not None else scales,
         *x.stride(), *out.stride(),
         (m.stride(0) if mean is not None else 0), (m.stride(1) if mean is not None else 0),
+        (order.stride(0) if order is not None and order.dim() == 2 else 0),
         H, N, nb, float(premultiply),
         HEAD_DIM=D, HEAD_DIM_PAD=max(16, 1 << (D - 1).bit_length()), BLOCK=block_size, HAS_MEAN=mean is not None,
-        num_warps=4,
+        HAS_ORDER=order is not None, num_warps=4,
     )
     return out, scales
 
@@ -87,10 +100,34 @@ def smoothing_mean(k: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_channel(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 V with one scale per (batch, head, channel) over all tokens (torch: a reduction over all tokens).
+    """INT8 V with one scale per (batch, head, channel) over all tokens.
+
+    This is the PyTorch reference (:func:`~diffaccel.kernels.reference.quantize_per_channel_reference`, a
+    reduction over all tokens plus elementwise passes) with a kernel-friendly layout, not a Triton kernel.
 
     The INT8 values are laid out tokens-fastest (a ``(B, H, D, N)`` buffer seen as ``(B, H, N, D)``): P·V then
     reads V with the reduction dimension contiguous, the operand layout INT8 tensor-core MMAs need.
     """
     v8, scale = quantize_per_channel_reference(v)
     return v8.transpose(-1, -2).contiguous().transpose(-1, -2), scale
+
+
+def quantize_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float,  # noqa: ANN001 - SparseBlockMask
+    qk_int8: bool, pv_int8: bool, *, order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The attention kernel's operands: INT8 Q/K with per-block scales (K smoothed) and/or INT8 V per channel.
+
+    Returns ``(q_in, k_in, v_in, q_scales, k_scales, v_scales, k_mean)``; unused scales are ``None``. With
+    ``order`` the INT8 Q/K come out in kernel order (their blocks are the mask's kernel-order blocks); V stays in
+    sequence order (per-channel scales over all tokens do not depend on the order; the kernel gathers V rows).
+    """
+    q_in, k_in, v_in = q, k, v
+    q_scales = k_scales = v_scales = km = None
+    if qk_int8:
+        km = smoothing_mean(k)
+        q_in, q_scales = quantize_per_block(q, block_mask.q_block_size, premultiply=scale * LOG2E, order=order)
+        k_in, k_scales = quantize_per_block(k, block_mask.kv_block_size, mean=km, order=order)
+    if pv_int8:
+        v_in, v_scales = quantize_per_channel(v)
+    return q_in, k_in, v_in, q_scales, k_scales, v_scales, km

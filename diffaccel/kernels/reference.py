@@ -44,6 +44,9 @@ def materialize_mask(
     if spec is None:
         return keep_full | keep_part
     bm, hm = full.shape[:2]
+    # A per-head spec (e.g. a TileMask with one global-frame tuple per head) under a head-broadcast block mask
+    # still has one element mask per head.
+    hm = max(hm, getattr(spec, "num_mask_heads", 1))
     b = torch.arange(bm, device=device).view(-1, 1, 1, 1)
     if token_order is None:
         q_pos, k_pos = rows.view(1, 1, -1, 1), kv.view(1, 1, 1, -1)
@@ -215,11 +218,6 @@ class _OrderedMask:
 
     def to(self, device: torch.device | str) -> "_OrderedMask":
         return _OrderedMask(self.mask.to(device), self.token_order)
-
-
-def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Dense attention in float32 (used by tests as the density-1 target)."""
-    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

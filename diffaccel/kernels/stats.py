@@ -57,8 +57,10 @@ def _block_mass_kernel() -> Any:
         """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``, all key blocks."""
         q_block = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // num_heads
-        h = bh % num_heads
+        # int64 offsets (as in the attention kernel): b * stride_qb overflows int32 from ~2^31 elements, e.g. at
+        # 24 heads x 118800 tokens x 128 (one 720p video sample) from batch index 6.
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
 
         offs_q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
