@@ -27,34 +27,7 @@ from diffaccel.kernels import (
 )
 from diffaccel.kernels.reference import block_sparse_attention_reference
 from diffaccel.warn import DiffAccelWarning
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert not torch.isnan(a).any(), "NaN in output"
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def qkv(b, h, lq, lk, d, dtype=torch.float32, device=DEVICE):
-    return (
-        torch.randn(b, h, lq, d, dtype=dtype, device=device),
-        torch.randn(b, h, lk, d, dtype=dtype, device=device),
-        torch.randn(b, h, lk, d, dtype=dtype, device=device),
-    )
-
-
-def run(q, k, v, bm, **kw):
-    """The kernel writing into a NaN-poisoned ``out``: any element it does not write fails the comparison."""
-    out = torch.full_like(q, float("nan"))
-    res = block_sparse_attention(q, k, v, bm, out=out, **kw)
-    if kw.get("return_lse"):
-        assert res[0] is out
-    else:
-        assert res is out
-    return res
-
+from kernel_helpers import DEVICE, qkv, rel_err, run
 
 def spec_for(kind: str, text: str | None):
     t = None if text is None else TextSpec(9, text)
@@ -224,10 +197,16 @@ def test_cpu_without_interpreter_warns_and_uses_reference(monkeypatch):
     q, k, v = qkv(1, 1, 20, 20, 16, device="cpu")
     bm = SparseBlockMask.dense(20, 20, 16)
     with pytest.warns(DiffAccelWarning, match="falls back to the PyTorch reference"):
-        out = block_sparse_attention(q, k, v, bm)
+        out = block_sparse_attention(q, k, v, bm, dense_fast_path=False)
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         block_sparse_attention(q, k, v, bm, backend="triton")
+    # Density 1 with the fast path (default): SDPA, which runs anywhere, so no fallback warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiffAccelWarning)
+        assert rel_err(block_sparse_attention(q, k, v, bm), F.scaled_dot_product_attention(q, k, v)) < 1e-6
 
 
 def test_bad_arguments():

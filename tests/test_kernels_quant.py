@@ -11,15 +11,7 @@ from diffaccel.kernels.reference import (
     quantize_per_block_reference,
     quantize_per_channel_reference,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert not torch.isnan(a).any(), "NaN in output"
-    return float((a - b).norm() / b.norm())
-
+from kernel_helpers import DEVICE, bias, qkv, ratio_bias, rel_err, run
 
 def outlier_qkv(b, h, n, d, dtype=torch.float32):
     """Random normal Q, K, V with a few large-offset channels in K (the case K smoothing is for)."""

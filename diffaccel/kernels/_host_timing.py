@@ -89,6 +89,25 @@ def _meta_mask(bm):  # noqa: ANN001, ANN202
     return bm
 
 
+FLUX_1024 = (1, 24, 512, (64, 64), 128)
+"""(batch, heads, text tokens, visual grid, head_dim) of the timed shape (FLUX.1 at 1024x1024)."""
+
+
+def random_block_mask(heads: int, n: int, block: int, density: float, seed: int = 0, *, validate: bool = True):  # noqa: ANN201
+    """Exactly ``round(density * num_kv_blocks)`` random full key blocks per (head, query block), on the CPU."""
+    from diffaccel.kernels.masks import SparseBlockMask
+
+    nb = -(-n // block)
+    if density >= 1.0:
+        return SparseBlockMask.dense(n, n, block)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, heads, nb, nb, generator=gen)
+    keep = torch.zeros(1, heads, nb, nb, dtype=torch.bool)
+    keep.scatter_(-1, scores.topk(max(1, round(density * nb)), dim=-1).indices, True)
+    return SparseBlockMask.from_block_keep(keep, q_len=n, kv_len=n, q_block_size=block, kv_block_size=block,
+                                           validate=validate)
+
+
 def _time_us(fn, calls: int, repeats: int = 15) -> float:
     """Median over ``repeats`` batches of this thread's CPU microseconds per call (``time.thread_time``: other
     processes on a shared machine do not inflate it), after a warm-up."""
@@ -112,16 +131,15 @@ def main() -> None:
     install_stubs()
     from torch.nn.attention.flex_attention import BlockMask
 
-    from diffaccel.kernels import block_sparse_attention
-    from diffaccel.kernels.block_sparse import BENCH_SHAPES, random_block_mask
+    from diffaccel.kernels import block_sparse_attention, block_sparse_attention_unchecked
     from diffaccel.kernels.masks import SparseBlockMask
 
-    B, H, T, grid, D = BENCH_SHAPES["flux-1024"]
+    B, H, T, grid, D = FLUX_1024
     n = T + math.prod(grid)
     q, k, v = (torch.empty(B, H, n, D, dtype=torch.bfloat16, device="meta") for _ in range(3))
     scale = 1.0 / math.sqrt(D)
-    cpu_mask = random_block_mask(H, n, 128, args.density, "cpu")
-    bm = _meta_mask(random_block_mask(H, n, 128, args.density, "cpu"))
+    cpu_mask = random_block_mask(H, n, 128, args.density)
+    bm = _meta_mask(random_block_mask(H, n, 128, args.density))
     out = torch.empty_like(q)
     print(f"flux-1024 B={B} H={H} N={n} D={D}, random block mask density {bm.density:.3f}, torch {torch.__version__}")
     rows = []
@@ -130,6 +148,18 @@ def main() -> None:
                      _time_us(lambda: block_sparse_attention(q, k, v, bm, scale=scale, **kw), args.calls)))
         rows.append((f"  same, out= preallocated, {label}",
                      _time_us(lambda: block_sparse_attention(q, k, v, bm, scale=scale, out=out, **kw), args.calls)))
+    rows.append(("block_sparse_attention_unchecked, SparseBlockMask, bf16, out=",
+                 _time_us(lambda: block_sparse_attention_unchecked(q, k, v, bm, scale=scale, out=out), args.calls)))
+    order = torch.empty(n, dtype=torch.int32, device="meta")
+    rows.append(("block_sparse_attention_unchecked, + token_order (N,), bf16, out=",
+                 _time_us(lambda: block_sparse_attention_unchecked(q, k, v, bm, scale=scale, out=out,
+                                                                   token_order=order), args.calls)))
+    keep = torch.rand(1, H, -(-n // 128), -(-n // 128)) < args.density
+    rows.append(("SparseBlockMask.from_block_keep (CPU tensors), validated",
+                 _time_us(lambda: SparseBlockMask.from_block_keep(keep, q_len=n, kv_len=n), max(1, args.calls // 10))))
+    rows.append(("SparseBlockMask.from_block_keep (CPU tensors), validate=False",
+                 _time_us(lambda: SparseBlockMask.from_block_keep(keep, q_len=n, kv_len=n, validate=False),
+                          max(1, args.calls // 10))))
     # A torch BlockMask input is converted on every call; measured on the CPU (no kernel launch): on CUDA every
     # host read of a device value in the conversion is also a synchronization.
     fbm = cpu_mask.to_block_mask()
