@@ -142,7 +142,8 @@ def test_mask_kind_none_with_ragged_tails_and_broadcast():
     assert rel_err(run(q, k, v, bm), block_sparse_attention_reference(q, k, v, bm)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+# Measured under the interpreter (seeds 0-2): fp16 2.4e-4, bf16 4.5e-3 relative L2 (P rounded to the input dtype).
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 6e-4), (torch.bfloat16, 9e-3)])
 def test_half_precision(dtype, tol):
     spec = NeighborhoodMask((6, 8), 3, text=TextSpec(5))
     bm = SparseBlockMask.from_spec(spec, 16, device=DEVICE)
@@ -329,16 +330,20 @@ def test_gpu_matches_fp32_reference(dtype, d, kind):
         q, k, v = qkv(2, 3, spec.num_tokens, spec.num_tokens, d, dtype, "cuda")
         out, lse = run(q, k, v, bm, return_lse=True)
         ref, ref_lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), bm, return_lse=True)
-        assert rel_err(out, ref) < 1e-2
-        assert torch.allclose(lse, ref_lse, atol=2e-2)
+        # bf16 measured 2.2-2.3e-3 relative L2 on an H100 (benchmarks/NOTES-kernels-gpu.md); fp16 has 3 more
+        # mantissa bits (interpreter: 2.4e-4). The LSE sees the same bf16/fp16 inputs with fp32 logits in both:
+        # only fp32 summation order differs (~1e-5), so 1e-3 catches a 0.1 % logit-scale error.
+        assert rel_err(out, ref) < (6e-3 if dtype == torch.bfloat16 else 1.5e-3)
+        assert torch.allclose(lse, ref_lse, atol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_dense_equals_sdpa_ragged(dtype):
     q, k, v = qkv(1, 4, 1000, 1531, 128, dtype, "cuda")
-    out = run(q, k, v, SparseBlockMask.dense(1000, 1531, 128, device="cuda"))
-    assert rel_err(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 1e-2
+    out = run(q, k, v, SparseBlockMask.dense(1000, 1531, 128, device="cuda"))  # Triton (dense_fast_path off)
+    assert rel_err(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < (
+        6e-3 if dtype == torch.bfloat16 else 1.5e-3)  # see test_gpu_matches_fp32_reference
 
 
 @pytest.mark.gpu
@@ -350,7 +355,7 @@ def test_gpu_matches_compiled_flex_attention():
     q, k, v = qkv(1, 4, spec.num_tokens, spec.num_tokens, 64, torch.bfloat16, "cuda")
     flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm.to_block_mask())
     out = run(q, k, v, bm)
-    assert rel_err(out, flex) < 1e-2
+    assert rel_err(out, flex) < 6e-3  # two bf16 kernels, each ~2.3e-3 from fp32
 
 
 @pytest.mark.gpu

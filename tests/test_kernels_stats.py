@@ -122,7 +122,7 @@ def test_attention_with_lse_matches_reference():
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (1, 2, 70) and lse.dtype == torch.float32
     assert _rel(out, ref_out) < 1e-4
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)  # fp32: measured max |diff| 4.8e-7
 
 
 def test_attention_with_lse_then_mass_bf16():
@@ -130,8 +130,8 @@ def test_attention_with_lse_then_mass_bf16():
     q, k, v = _inputs(1, 2, 90, 90, 64, torch.bfloat16)
     out, lse = attention_with_lse(q, k, v)
     ref_out, ref_lse = attention_with_lse_reference(q, k, v)
-    assert _rel(out, ref_out) < 2e-2
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
+    assert _rel(out, ref_out) < 1e-2  # measured 5.4e-3 (interpreter, seeds 0-2: P rounded to bf16)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)  # fp32 logits of the same bf16 inputs: 4.8e-7
     mass = block_attention_mass(q, k, lse, 32)
     torch.testing.assert_close(mass.sum(-1), _valid_per_block(90, 32).expand(1, 2, -1), rtol=1e-3, atol=1e-3)
 

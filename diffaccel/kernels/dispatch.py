@@ -10,6 +10,7 @@ the best dense kernel (cuDNN on Hopper; the Triton dense loop measured 0.69-0.79
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Any
@@ -28,6 +29,7 @@ MAX_HEAD_DIM = 256
 """Largest head_dim the Triton kernel takes; any head_dim up to it works (non powers of two are padded in-kernel)."""
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
