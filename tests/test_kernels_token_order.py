@@ -276,3 +276,21 @@ def test_unvalidated_masks_give_the_same_results_without_host_reads(monkeypatch)
                         spec)
     SparseBlockMask(checked.kv_num_blocks, idx, checked.full_kv_num_blocks, checked.full_kv_indices, n, n, 16, 16,
                     spec, validate=False)  # not checked: the caller's guarantee
+
+
+def test_one_mask_serves_calls_of_different_shapes_and_options():
+    """Launch arguments are prepared once per (mask, head_dim, precision, LSE, order, dtypes): reusing one mask
+    across head dims, dtypes and options must not reuse another call's prepared launch."""
+    spec = SPECS["neighborhood"]
+    n = spec.num_tokens
+    bm = SparseBlockMask.from_spec(spec, 16, device=DEVICE)
+    order = torch.randperm(n).to(DEVICE)
+    cases = ((16, torch.float32, {}), (32, torch.float32, {}), (24, torch.float32, {"token_order": order}),
+             (16, torch.float16, {}), (32, torch.float32, {"return_lse": True}))
+    for d, dtype, kw in cases * 2:  # the second round takes the prepared (steady-state) launches
+        q, k, v = qkv(1, 2, n, n, d, dtype)
+        out = run(q, k, v, bm, **kw)
+        out = out[0] if kw.get("return_lse") else out
+        ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), bm,
+                                               token_order=kw.get("token_order"))
+        assert rel_err(out, ref) < (6e-4 if dtype == torch.float16 else 1e-5), (d, dtype, kw)
