@@ -16,7 +16,7 @@ from diffaccel.layout import TokenLayout
 from diffaccel.methods.agent import AgentMethod, pooled_agent_attention
 from diffaccel.methods.base import get_method
 from diffaccel.pipelines.tiny import build_tiny, tiny_spec
-from diffaccel.pipelines.tome import bipartite_matching, destination_positions
+from diffaccel.methods._tome import bipartite_matching, destination_positions
 from diffaccel.warn import DiffAccelWarning
 
 # ---------------------------------------------------------------------------------------------- references
