@@ -8,7 +8,6 @@ inside the same tiny model, so the comparison covers adapters, text placement, t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+from adapter_fields import AdapterFields
 from image_models import flux_inputs, max_abs_diff, run, sd3_inputs, tiny_flux, tiny_sd3, tiny_unet, unet_inputs
 
 import diffaccel
@@ -119,30 +119,6 @@ class BruteForce:
         s = (q.double() @ k.double().transpose(-1, -2)) * scale
         s = s.masked_fill(~keep, float("-inf"))
         return (torch.softmax(s, -1) @ v.double()).to(q.dtype)
-
-
-class AdapterFields:
-    """Fills the TokenLayout fields the adapters own (UNet level, padded-prompt lengths) the way they fill them.
-
-    Stands in for the adapter side of issue 8 where a tiny model's adapter leaves them at their defaults; where the
-    adapter already set them, the layout passes unchanged. Wraps a real method instance.
-    """
-
-    def __init__(self, method, *, unet=False):
-        self.method, self.unet = method, unet
-        self.name, self.config = method.name, method.config
-
-    def __call__(self, q, k, v, layout: TokenLayout, ctx: RunContext, *, attn_mask=None, scale=None):
-        changes = {}
-        if self.unet and layout.has_grid and not layout.hierarchical and ctx.grid is not None:
-            changes.update(downsample=ctx.grid[0] // layout.grid[0], hierarchical=True)
-        if attn_mask is not None and layout.text_lengths is None and layout.num_text and not layout.text_first:
-            keep = attn_mask.reshape(attn_mask.shape[0], -1)
-            keep = keep.bool() if keep.dtype == torch.bool else keep == 0
-            changes["text_lengths"] = tuple(int(n) for n in keep[:, layout.num_visual:].sum(1))
-        if changes:
-            layout = dataclasses.replace(layout, **changes)
-        return self.method(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
 
 
 def compare(model, inputs, method, brute, *, tol=1e-4, **config):
