@@ -200,6 +200,10 @@ class LocalityMethod(MethodBase):
         """Build the plan of one call (validating the configuration against the grid); None runs dense."""
         raise NotImplementedError
 
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict[str, Any]:
+        """The parameters the plan of this call resolves to (for reports and benchmarks), JSON-friendly."""
+        return {}
+
     # -- calls -----------------------------------------------------------------------------------------------------
     def attend(
         self,

@@ -112,6 +112,11 @@ class ClearMethod(LocalityMethod):
             return per_frame_plan(grid, cfg.radius, text, cfg.block_size, device)  # type: ignore[arg-type]
         return plan_for(CircleMask(grid, cfg.radius, text=text), cfg.block_size, device)
 
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        cfg = self.config_for(ctx.layer) or self.config
+        assert layout.grid is not None
+        return {"radius": cfg.radius, "video": cfg.video if len(layout.grid) == 3 else None}
+
     def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
         if not self._distilled:
             if cfg.weights is not None:

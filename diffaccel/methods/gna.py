@@ -172,6 +172,14 @@ class GNAMethod(LocalityMethod):
     ) -> AttentionPlan:
         return plan_for(self.spec_for(layout, cfg), cfg.block_size, device)
 
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        cfg = self.config_for(ctx.layer) or self.config
+        assert layout.grid is not None
+        ks, st, dl, ca = cfg.parameters_for(layout.grid)
+        preset = None if cfg.kernel_size is not None else (
+            cfg.preset if cfg.preset != "auto" else {2: "image", 3: "video"}.get(len(layout.grid)))
+        return {"preset": preset, "kernel_size": ks, "stride": st, "dilation": dl, "is_causal": ca}
+
 
 # ----------------------------------------------------------------------------------------------- analysis
 # analyze() and its result types live in diffaccel.sparse.analysis (model- and method-agnostic); re-exported here

@@ -146,3 +146,7 @@ class MSWMethod(LocalityMethod):
         if not self.windowed_level(layout, cfg):
             return None
         return plan_for(self.spec_for(layout, ctx, cfg), cfg.block_size, device)
+
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        spec = self.spec_for(layout, ctx, self.config_for(ctx.layer) or self.config)  # type: ignore[arg-type]
+        return {"window": spec.window, "shift": spec.shift}

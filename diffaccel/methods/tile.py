@@ -102,3 +102,9 @@ class TileMethod(LocalityMethod):
         self, layout: TokenLayout, ctx: RunContext, cfg: TileConfig, *, heads: int, device: torch.device
     ) -> AttentionPlan:
         return plan_for(self.spec_for(layout, cfg, heads, ctx.layer), cfg.block_size, device)
+
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        cfg = self.config_for(ctx.layer) or self.config
+        spec = self.spec_for(layout, cfg, heads, ctx.layer)  # type: ignore[arg-type]
+        return {"global_frames": spec.global_frames, "placement": cfg.placement}  # type: ignore[attr-defined]
+

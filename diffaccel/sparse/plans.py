@@ -108,6 +108,19 @@ class AttentionPlan:
         return 1.0 if self.block_mask is None else self.block_mask.density
 
     @functools.cached_property
+    def kernel_mask_mod(self) -> Callable | None:
+        """The element mask in kernel coordinates: ``mask_mod(b, h, order[i], order[j])`` (FlexAttention signature),
+        for a peer that runs on inputs gathered into kernel order."""
+        if self.mask_mod is None or self.order is None:
+            return self.mask_mod
+        mod, order = self.mask_mod, self.order
+
+        def kernel_order_mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+            return mod(b, h, order[q_idx], order[kv_idx])
+
+        return kernel_order_mask_mod
+
+    @functools.cached_property
     def inverse(self) -> torch.Tensor | None:
         """Sequence position -> kernel position (for inspection; running a plan never needs it)."""
         if self.order is None:
