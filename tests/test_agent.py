@@ -103,7 +103,8 @@ def tome_groups(metric_b, grid, stride, r):
     return groups
 
 
-def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=0.3, shortcut=0.075, agents_on=True):
+def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=0.3, shortcut=0.075, agents_on=True,
+                      metric="keys"):
     """AgentSD on one layout, every batch element separately: groups by loops, then the materialized formula."""
     qv_all, qt_all = split_layout(q, layout)
     kv_all, kt_all = split_layout(k, layout)
@@ -111,9 +112,10 @@ def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=
     n = layout.num_visual
     outs = []
     for b in range(q.shape[0]):
-        metric = kv_all[b].transpose(0, 1).reshape(n, -1)
-        groups = tome_groups(metric, layout.grid, stride, int(n * ratio))
-        agent_groups = tome_groups(metric, layout.grid, stride, int(n * agent_ratio))
+        source = {"keys": kv_all, "queries": qv_all, "values": vv_all}[metric]
+        similarity = source[b].transpose(0, 1).reshape(n, -1)
+        groups = tome_groups(similarity, layout.grid, stride, int(n * ratio))
+        agent_groups = tome_groups(similarity, layout.grid, stride, int(n * agent_ratio))
 
         def merge(x, gs):
             return torch.stack([x[:, g].mean(dim=1) for g in gs], dim=1)
@@ -280,6 +282,35 @@ def test_agentsd_matches_materialized_formula(grid, text):
     # the gate 2·n < N' holds here, so the result is not plain ToMe attention
     tome_only = agentsd_reference(q, k, v, layout, (2, 2), 0.3, 0.7, 8**-0.5, agents_on=False)
     assert (expected - tome_only).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("stride", (1, 3)), ("ratio", 0.2), ("agent_ratio", 0.8), ("stage2_power", 0.6), ("shortcut", 0.3),
+     ("metric", "queries"), ("metric", "values"), ("late_stride", (1, 2)), ("agent_fraction", 0.5)],
+)
+def test_every_agentsd_option_has_its_effect(option, value):
+    """Each option turned on changes the output, and the method still equals the loop-built formula with it."""
+    grid, layout = (6, 7), make_layout((6, 7), "suffix")
+    q, k, v = qkv(2, 2, layout.num_tokens, 8)
+    base = dict(mode="agentsd", use_rand=False, stride=(2, 2), ratio=0.3, agent_ratio=0.7, late_stride=(2, 2))
+    ref = dict(stride=(2, 2), ratio=0.3, agent_ratio=0.7, power=0.3, shortcut=0.075, metric="keys")
+    step = 0
+    if option in ("late_stride", "agent_fraction"):
+        step = 4  # of 10 steps: the default 0.4 makes it a ToMe-only step, 0.5 an agent step
+    agents_on = {"agent_fraction": value}.get(option, 0.4) * 10 > step
+    ctx = agentsd_ctx(grid, step=step, num_steps=10)
+    mapped = {"stage2_power": "power"}.get(option, option)
+    if option == "late_stride":
+        ref["stride"] = value
+    elif option != "agent_fraction":
+        ref[mapped] = value
+    changed = get_method("agent", **{**base, option: value})(q, k, v, layout, ctx)
+    default = get_method("agent", **base)(q, k, v, layout, ctx)
+    stride = ref.pop("stride") if agents_on or option == "late_stride" else (2, 2)
+    expected = agentsd_reference(q, k, v, layout, stride, scale=8**-0.5, agents_on=agents_on, **ref)
+    assert_close(changed, expected, 1e-5)
+    assert (changed - default).abs().max() > 1e-4
 
 
 def test_agentsd_recipe_switches_to_tome_after_agent_steps():
