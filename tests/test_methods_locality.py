@@ -529,7 +529,13 @@ def test_clear_with_installed_weights_does_not_warn(tmp_path):
         warnings.simplefilter("error", DiffAccelWarning)
         model.set_attn_processor(processor)
         out = run(model, inputs)
-    assert torch.isfinite(out).all()
+    # the distilled model under CLEAR equals the brute-force circle on the same weights, and differs from dense
+    brute = BruteForce(lambda lay, ctx: circle(lay.grid, 2))
+    model.set_attn_processor(DiffAccelAttnProcessor(brute))
+    expected = run(model, inputs)
+    model.set_attn_processor(DiffAccelAttnProcessor("dense"))
+    dense = run(model, inputs)
+    assert brute.calls > 0 and max_abs_diff(out, expected) <= 1e-4 and max_abs_diff(out, dense) > 1e-3
     with pytest.raises(ConfigError, match="distilled for radius 2 but the method uses radius 3"):
         get_method("clear", radius=3, **FAST).note_distilled(2.0)
     unset = get_method("clear", radius=2, weights=str(tmp_path), **FAST)
