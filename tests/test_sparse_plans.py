@@ -340,3 +340,18 @@ def test_plan_is_none_where_the_method_runs_dense():
     assert isinstance(method.plan(lay, RunContext(grid=(8, 8), layer="a", step=1)), AttentionPlan)
     low = dataclasses.replace(lay, downsample=2, hierarchical=True)
     assert method.plan(low, RunContext(grid=(16, 16), layer="a", step=1)) is None  # UNet level below the limit
+
+
+def test_padding_lengths_on_a_text_prefix_fall_back_to_dense_with_a_warning():
+    """Valid text tokens come first inside a *suffix* (HunyuanVideo); a prefix with lengths is not cut: dense + warning."""
+    from diffaccel.warn import DiffAccelWarning
+
+    grid, nt = (4, 4), 6
+    lay = TokenLayout(num_tokens=22, grid=grid, text=slice(0, nt), text_lengths=(3,))
+    keep = torch.ones(1, 1, 1, 22, dtype=torch.bool)
+    keep[..., 3:nt] = False
+    q, k, v = qkv(22, batch=1)
+    method = get_method("gna", kernel_size=3, block_size=16, backend="reference")
+    with pytest.warns(DiffAccelWarning, match="mask other than a text key-padding mask"):
+        out = method(q, k, v, lay, RunContext(grid=grid, layer="a"), attn_mask=keep)
+    assert_close(out, sdpa(q, k, v, attn_mask=keep), 1e-6)
