@@ -92,6 +92,64 @@ def generate(
         console.print(f"side by side (dense | {result.method}): {result.side_by_side_path}")
 
 
+def _parse_sizes(name: str, text: str, *, kind: type = int) -> tuple:
+    """``21x30x52`` (or ``21,30,52``, or one value) as a tuple; ``kind=bool`` reads 0/1/true/false."""
+    from diffaccel.errors import ConfigError
+
+    try:
+        parts = [p.strip() for p in str(text).lower().replace(",", "x").split("x") if p.strip()]
+        if kind is bool:
+            if any(p not in ("0", "1", "true", "false") for p in parts):
+                raise ValueError(text)
+            out: tuple = tuple(p in ("1", "true") for p in parts)
+        else:
+            out = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--{name.replace('_', '-')} must look like 21x30x52 (or one value), got {text!r}") from None
+    if not out:
+        raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
+    return out
+
+
+def _fit(name: str, values: tuple, ndim: int) -> object:
+    from diffaccel.errors import ConfigError
+
+    if len(values) == 1:
+        return values[0]
+    if len(values) != ndim:
+        raise ConfigError(f"--{name.replace('_', '-')} has {len(values)} values but the grid has {ndim} dimensions")
+    return values
+
+
+def _print_gna_analysis(grid: str, kernel_size: str, stride: str, dilation: str, causal: str, block: int) -> None:
+    """``methods gna --analyze``: kept-block fraction and ideal speedup bound (GNA simulator idea)."""
+    from diffaccel.sparse.analysis import analyze
+
+    g = _parse_sizes("grid", grid)
+    nd = len(g)
+    result = analyze(
+        g, _fit("kernel_size", _parse_sizes("kernel_size", kernel_size), nd),  # type: ignore[arg-type]
+        _fit("stride", _parse_sizes("stride", stride), nd), _fit("dilation", _parse_sizes("dilation", dilation), nd),  # type: ignore[arg-type]
+        block, is_causal=_fit("causal", _parse_sizes("causal", causal, kind=bool), nd),  # type: ignore[arg-type]
+    )
+    table = Table(title=(
+        f"GNA grid {'x'.join(map(str, result.grid))}, window {'x'.join(map(str, result.kernel_size))}, stride "
+        f"{'x'.join(map(str, result.stride))}, dilation {'x'.join(map(str, result.dilation))}, block {result.block}"
+    ))
+    for column in ("layout", "visited blocks", "dense of visited", "speedup bound"):
+        table.add_column(column)
+    table.add_row("element mask (FLOPs)", f"{result.density:.2%}", "", f"{result.flop_bound:.2f}x")
+    for cost in (result.tiled, result.row_major):
+        if cost is not None:
+            table.add_row(cost.layout, f"{cost.visited_fraction:.2%}", f"{cost.dense_fraction:.1%}",
+                          f"{cost.speedup_bound:.2f}x")
+    console = Console()
+    console.print(table)
+    if result.tiled is None:
+        console.print(f"no tile of {result.block} tokens divides the grid (per dilation group)")
+    console.print(f"diffaccel runs: {result.runs}")
+
+
 @app.command()
 def methods(
     name: Annotated[Optional[str], typer.Argument(help="Show one method only.")] = None,
@@ -112,9 +170,7 @@ def methods(
             raise ConfigError(f"--analyze is available for method 'gna' only, got {name!r}")
         if grid is None or kernel_size is None:
             raise ConfigError("--analyze needs --grid and --kernel-size, e.g. --grid 21x30x52 --kernel-size 9x15x15")
-        from diffaccel.methods.gna import analyze_command
-
-        analyze_command(grid=grid, kernel_size=kernel_size, stride=stride, dilation=dilation, causal=causal, block=block)
+        _print_gna_analysis(grid, kernel_size, stride, dilation, causal, block)
         return
     names = list_methods() if name is None else [method_class(name).name]
     table = Table(title="diffaccel methods (set parameters with --set key=value)")

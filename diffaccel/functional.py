@@ -8,8 +8,9 @@ tokens flattened row-major over ``grid`` (the order diffusers models flatten lat
 text tokens as ``text=``, a prefix (FLUX, CogVideoX) or suffix (SD3, HunyuanVideo) slice of the sequence: text
 queries attend to every token and visual queries to every text key plus their local set.
 
-Each function validates its arguments, builds the mask spec of :mod:`diffaccel.kernels.masks`, and makes one call
-into the kernel dispatch through a cached plan (token permutation + block mask, :mod:`diffaccel.methods._locality`).
+Each function validates its arguments (the checkers of :mod:`diffaccel.sparse.checks`, shared with the methods),
+builds the mask spec of :mod:`diffaccel.kernels.masks`, and makes one call into the kernel through a cached plan
+(token order + block mask, :mod:`diffaccel.sparse.plans`).
 ``backend`` picks the kernel implementation (``"auto"``: Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
 PyTorch reference with a warning). The ``*_reference`` functions are the plain PyTorch definitions (a dense boolean
 mask and SDPA) that tests compare against.
@@ -25,13 +26,18 @@ import torch.nn.functional as F
 
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import CircleMask, MaskSpec, NeighborhoodMask, ShiftedWindowMask, TextSpec, TileMask
-from diffaccel.methods._locality import (
+from diffaccel.sparse.checks import (
+    check_backend,
     check_block_size,
-    per_frame_circle_attention,
-    run_spec,
-    text_spec_for,
+    check_global_frames,
+    check_grid,
+    check_radius,
+    neighborhood_parameters,
 )
-from diffaccel.methods.base import check_backend
+from diffaccel.sparse.checks import per_dim as _per_dim
+from diffaccel.sparse.per_frame import per_frame_circle_attention
+from diffaccel.sparse.plans import run_spec
+from diffaccel.sparse.text import text_spec_for
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -68,65 +74,10 @@ def _check_qkv(q: Any, k: Any, v: Any) -> None:
         )
 
 
-def check_grid(grid: Any, *, dims: tuple[int, ...] = (1, 2, 3)) -> tuple[int, ...]:
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid,)
-    if (
-        not isinstance(grid, (list, tuple))
-        or len(grid) not in dims
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    ):
-        allowed = " or ".join(f"{d}-D" for d in dims)
-        raise ConfigError(f"grid must be {allowed}: a tuple of positive integers (the visual token grid), got {grid!r}")
-    return tuple(grid)
-
-
-def _per_dim(name: str, value: Any, ndim: int, *, kind: type = int) -> tuple:
-    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * ndim
-    if len(values) != ndim:
-        raise ConfigError(f"{name} must be one value or one per grid dimension ({ndim}), got {value!r}")
-    for x in values:
-        ok = isinstance(x, bool) if kind is bool else (isinstance(x, int) and not isinstance(x, bool))
-        if not ok:
-            raise ConfigError(f"{name} must hold {kind.__name__}s, got {value!r}")
-    return values
-
-
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Any, text: TextArg, *, dims=(1, 2, 3)):
     _check_qkv(q, k, v)
     grid = check_grid(grid, dims=dims)
     return grid, text_spec_for(text, q.shape[2], math.prod(grid))
-
-
-def neighborhood_parameters(
-    grid: tuple[int, ...], kernel_size: IntOrTuple, stride: IntOrTuple, dilation: IntOrTuple, is_causal: BoolOrTuple
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
-    """Per-dimension parameters, checked with NATTEN's rules (``natten/utils/checks.py``).
-
-    ``kernel_size > 1``, ``dilation >= 1``, ``kernel_size * dilation <= size`` and ``1 <= stride <= kernel_size``
-    in every dimension.
-    """
-    nd = len(grid)
-    ks = _per_dim("kernel_size", kernel_size, nd)
-    st = _per_dim("stride", stride, nd)
-    dl = _per_dim("dilation", dilation, nd)
-    ca = _per_dim("is_causal", is_causal, nd, kind=bool)
-    for i, (n, k, s, d) in enumerate(zip(grid, ks, st, dl)):
-        if k <= 1:
-            raise ConfigError(f"kernel_size must be > 1 in every dimension (as in NATTEN), got {ks} (dimension {i})")
-        if d < 1:
-            raise ConfigError(f"dilation must be >= 1 in every dimension, got {dl} (dimension {i})")
-        if k * d > n:
-            raise ConfigError(
-                f"kernel_size * dilation must be <= the grid size in every dimension, got kernel_size {ks}, "
-                f"dilation {dl} for grid {grid} (dimension {i}: {k} * {d} > {n})"
-            )
-        if not 1 <= s <= k:
-            raise ConfigError(
-                f"stride must be in [1, kernel_size] in every dimension, got stride {st} with kernel_size {ks} "
-                f"(dimension {i})"
-            )
-    return ks, st, dl, ca
 
 
 def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float | None):
@@ -223,17 +174,7 @@ def _tile_spec(q: torch.Tensor, grid: tuple[int, ...], global_frames: Any, tspec
             f"tile attention needs a video grid (frames, height, width), got grid {grid}: attention tiles are "
             "frame blocks (Efficient-vDiT), so image models are not supported"
         )
-    if not isinstance(global_frames, (list, tuple)):
-        raise ConfigError(f"global_frames must be a list of frame indices or one list per head, got {global_frames!r}")
-    per_head = len(global_frames) > 0 and all(isinstance(x, (list, tuple)) for x in global_frames)
-    rows = [tuple(x) for x in global_frames] if per_head else [tuple(global_frames)]
-    for row in rows:
-        for f in row:
-            if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f < grid[0]:
-                raise ConfigError(f"global_frames must hold frame indices in [0, {grid[0]}), got {global_frames!r}")
-    if per_head and len(rows) != q.shape[1]:
-        raise ConfigError(f"global_frames has one list per head for {len(rows)} heads but q has {q.shape[1]} heads")
-    frames = tuple(rows) if per_head else rows[0]
+    frames = check_global_frames(global_frames, grid[0], q.shape[1])
     return TileMask(grid, frames, text=tspec)
 
 
@@ -284,10 +225,7 @@ def tile_attention_reference(
 # ----------------------------------------------------------------------------------------------- CLEAR
 
 
-def _check_radius(radius: Any) -> float:
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
-        raise ConfigError(f"radius must be a finite number > 0 (latent tokens), got {radius!r}")
-    return float(radius)
+_check_radius = check_radius
 
 
 def circular_window_attention(

@@ -10,13 +10,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import diffaccel
+from adapter_fields import AdapterFields, Recorder
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.layout import TokenLayout
 from diffaccel.methods.agent import AgentMethod, pooled_agent_attention
 from diffaccel.methods.base import get_method
 from diffaccel.pipelines.tiny import build_tiny, tiny_spec
-from diffaccel.pipelines.tome import bipartite_matching, destination_positions
+from diffaccel.methods._tome import bipartite_matching, destination_positions
 from diffaccel.warn import DiffAccelWarning
 
 # ---------------------------------------------------------------------------------------------- references
@@ -102,7 +103,8 @@ def tome_groups(metric_b, grid, stride, r):
     return groups
 
 
-def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=0.3, shortcut=0.075, agents_on=True):
+def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=0.3, shortcut=0.075, agents_on=True,
+                      metric="keys"):
     """AgentSD on one layout, every batch element separately: groups by loops, then the materialized formula."""
     qv_all, qt_all = split_layout(q, layout)
     kv_all, kt_all = split_layout(k, layout)
@@ -110,9 +112,10 @@ def agentsd_reference(q, k, v, layout, stride, ratio, agent_ratio, scale, power=
     n = layout.num_visual
     outs = []
     for b in range(q.shape[0]):
-        metric = kv_all[b].transpose(0, 1).reshape(n, -1)
-        groups = tome_groups(metric, layout.grid, stride, int(n * ratio))
-        agent_groups = tome_groups(metric, layout.grid, stride, int(n * agent_ratio))
+        source = {"keys": kv_all, "queries": qv_all, "values": vv_all}[metric]
+        similarity = source[b].transpose(0, 1).reshape(n, -1)
+        groups = tome_groups(similarity, layout.grid, stride, int(n * ratio))
+        agent_groups = tome_groups(similarity, layout.grid, stride, int(n * agent_ratio))
 
         def merge(x, gs):
             return torch.stack([x[:, g].mean(dim=1) for g in gs], dim=1)
@@ -281,6 +284,35 @@ def test_agentsd_matches_materialized_formula(grid, text):
     assert (expected - tome_only).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "option,value",
+    [("stride", (1, 3)), ("ratio", 0.2), ("agent_ratio", 0.8), ("stage2_power", 0.6), ("shortcut", 0.3),
+     ("metric", "queries"), ("metric", "values"), ("late_stride", (1, 2)), ("agent_fraction", 0.5)],
+)
+def test_every_agentsd_option_has_its_effect(option, value):
+    """Each option turned on changes the output, and the method still equals the loop-built formula with it."""
+    grid, layout = (6, 7), make_layout((6, 7), "suffix")
+    q, k, v = qkv(2, 2, layout.num_tokens, 8)
+    base = dict(mode="agentsd", use_rand=False, stride=(2, 2), ratio=0.3, agent_ratio=0.7, late_stride=(2, 2))
+    ref = dict(stride=(2, 2), ratio=0.3, agent_ratio=0.7, power=0.3, shortcut=0.075, metric="keys")
+    step = 0
+    if option in ("late_stride", "agent_fraction"):
+        step = 4  # of 10 steps: the default 0.4 makes it a ToMe-only step, 0.5 an agent step
+    agents_on = {"agent_fraction": value}.get(option, 0.4) * 10 > step
+    ctx = agentsd_ctx(grid, step=step, num_steps=10)
+    mapped = {"stage2_power": "power"}.get(option, option)
+    if option == "late_stride":
+        ref["stride"] = value
+    elif option != "agent_fraction":
+        ref[mapped] = value
+    changed = get_method("agent", **{**base, option: value})(q, k, v, layout, ctx)
+    default = get_method("agent", **base)(q, k, v, layout, ctx)
+    stride = ref.pop("stride") if agents_on or option == "late_stride" else (2, 2)
+    expected = agentsd_reference(q, k, v, layout, stride, scale=8**-0.5, agents_on=agents_on, **ref)
+    assert_close(changed, expected, 1e-5)
+    assert (changed - default).abs().max() > 1e-4
+
+
 def test_agentsd_recipe_switches_to_tome_after_agent_steps():
     grid = (8, 8)
     layout = make_layout(grid, None)
@@ -296,14 +328,16 @@ def test_agentsd_recipe_switches_to_tome_after_agent_steps():
 
 def test_agentsd_only_in_highest_resolution_level():
     method = get_method("agent", mode="agentsd", use_rand=False)
-    high, low = make_layout((16, 16), None), make_layout((8, 8), None)
+    high = TokenLayout(256, (16, 16), hierarchical=True)  # the adapter's UNet levels: downsample 1 and 2
+    low = TokenLayout(64, (8, 8), downsample=2, hierarchical=True)
     ctx = agentsd_ctx((16, 16))
     qh, kh, vh = qkv(1, 2, 256, 8)
     ql, kl, vl = qkv(1, 2, 64, 8)
     assert (method(qh, kh, vh, high, ctx) - softmax_attention(qh, kh, vh, 8**-0.5)).abs().max() > 1e-3
     assert_close(method(ql, kl, vl, low, ctx), softmax_attention(ql, kl, vl, 8**-0.5), 1e-5)
-    # SDXL-like model: the first attention level is already downsampled 2x; auto picks it, max_downsample=1 does not
-    for limit, active in ((None, True), (1, False), (2, True)):
+    # SDXL-like model: the first attention level is already downsampled 2x. The level is the adapter's
+    # layout.downsample (no "smallest factor seen" state): the default (None = 1) and 1 keep it exact, 2 changes it.
+    for limit, active in ((None, False), (1, False), (2, True), (3, True)):
         m = get_method("agent", mode="agentsd", use_rand=False, max_downsample=limit)
         changed = (m(ql, kl, vl, low, agentsd_ctx((16, 16))) - softmax_attention(ql, kl, vl, 8**-0.5)).abs().max()
         assert (changed > 1e-3) == active
@@ -362,20 +396,41 @@ def _latents(pipe, name, **overrides):
     return pipe("a photo", generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
+def _check_recorded_agentsd(recorder, cfg):
+    """Each recorded UNet call equals the loop-built AgentSD formula (independent of the method's code)."""
+    assert recorder.calls, "no agentsd call was recorded"
+    for q, k, v, layout, ctx, scale, out in recorder.calls:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        agent_step = ctx.step < round(0.4 * ctx.num_steps)
+        stride = tuple(min(s, g) for s, g in zip(cfg.stride if agent_step else cfg.late_stride, layout.grid))
+        expected = agentsd_reference(q, k, v, layout, stride, cfg.ratio, cfg.agent_ratio, scale,
+                                     agents_on=agent_step)
+        assert_close(out, expected, 1e-5)
+        assert (expected - softmax_attention(q, k, v, scale)).abs().max() > 1e-4  # the comparison can fail
+
+
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
 def test_agentsd_on_unets(name):
     pipe = build_tiny(name)
     pipe.set_progress_bar_config(disable=True)
     size = dict(height=32, width=32)
     dense = _latents(pipe, name, **size)
-    diffaccel.apply(pipe, "agent")  # the tiny UNets (like SDXL) have attention only at 2x downsampling
+    # The tiny UNets (like SDXL) have attention only at 2x downsampling: max_downsample=2 reaches it; auto mode is
+    # agentsd on UNet levels (layout.hierarchical, filled by the adapter; AdapterFields where it is not yet).
+    method = get_method("agent", max_downsample=2, use_rand=False)
+    recorder = Recorder(method, limit=3)
+    diffaccel.apply(pipe, AdapterFields(recorder, unet=True))
     agent = _latents(pipe, name, **size)
-    diffaccel.apply(pipe, "agent", max_downsample=1)  # the SD 1.x default finds no level to change here
+    _check_recorded_agentsd(recorder, method.config)
+    diffaccel.apply(pipe, AdapterFields(get_method("agent"), unet=True))  # default max_downsample: level 1 only
     untouched = _latents(pipe, name, **size)
+    diffaccel.apply(pipe, AdapterFields(get_method("agent", max_downsample=1), unet=True))
+    untouched_1 = _latents(pipe, name, **size)
     diffaccel.remove(pipe)
     assert torch.isfinite(agent).all()
     assert (agent - dense).abs().max() > 1e-4
     torch.testing.assert_close(untouched, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(untouched_1, dense, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
@@ -383,7 +438,8 @@ def test_pooled_on_dits(name):
     pipe = build_tiny(name)
     pipe.set_progress_bar_config(disable=True)
     dense = _latents(pipe, name)
-    diffaccel.apply(pipe, "agent", mode="pooled")
+    recorder = Recorder(get_method("agent", mode="pooled"), limit=3)
+    diffaccel.apply(pipe, recorder)
     agent = _latents(pipe, name)
     diffaccel.apply(pipe, "agent")  # auto: pooled on DiTs
     auto = _latents(pipe, name)
@@ -391,14 +447,24 @@ def test_pooled_on_dits(name):
     assert torch.isfinite(agent).all()
     assert (agent - dense).abs().max() > 1e-4
     torch.testing.assert_close(auto, agent, rtol=0, atol=0)
+    assert recorder.calls
+    for q, k, v, layout, ctx, scale, out in recorder.calls:  # one layer's output vs the materialized formula
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        expected = pooled_reference(q, k, v, layout, (7, 7), scale)
+        if 2 * math.prod(min(a, g) for a, g in zip((7, 7), layout.grid[-2:])) >= layout.num_visual:
+            expected = softmax_attention(q, k, v, scale)  # agents not fewer than tokens: exact attention
+        assert_close(out, expected, 1e-5)
 
 
 def test_auto_mode():
     from diffaccel.methods.agent import resolve_mode
 
     image = make_layout((4, 4), None)
-    assert resolve_mode("auto", image, RunContext()) == "agentsd"  # UNet self-attention
+    unet_level = TokenLayout(16, (4, 4), hierarchical=True)
+    assert resolve_mode("auto", unet_level, RunContext()) == "agentsd"  # UNet self-attention (adapter: hierarchical)
+    assert resolve_mode("auto", TokenLayout(16, (4, 4), downsample=2, hierarchical=True), RunContext()) == "agentsd"
     assert resolve_mode("auto", image, RunContext(text_len=7)) == "pooled"  # image-only call in a joint DiT
+    assert resolve_mode("auto", image, RunContext()) == "pooled"  # a transformer's grid, whatever the token count
     assert resolve_mode("auto", make_layout((4, 4), "suffix"), RunContext()) == "pooled"
     assert resolve_mode("auto", TokenLayout(32, (2, 4, 4)), RunContext()) == "pooled"  # video
     assert resolve_mode("agentsd", make_layout((4, 4), "suffix"), RunContext()) == "agentsd"
@@ -407,10 +473,11 @@ def test_auto_mode():
 def test_bare_set_attn_processor_on_unet_warns_and_runs():
     pipe = build_tiny("tiny-sd")
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet.set_attn_processor(diffaccel.DiffAccelAttnProcessor("agent"))
-    with pytest.warns(DiffAccelWarning, match="latent grid is unknown"):
+    dense = _latents(pipe, "tiny-sd")
+    pipe.unet.set_attn_processor(diffaccel.DiffAccelAttnProcessor("agent", mode="agentsd", max_downsample=8))
+    with pytest.warns(DiffAccelWarning, match="number of denoising steps is unknown"):
         out = _latents(pipe, "tiny-sd")
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and (out - dense).abs().max() > 1e-4
 
 
 def test_agent_attn_processor_on_unet_bare_and_applied():
@@ -422,12 +489,12 @@ def test_agent_attn_processor_on_unet_bare_and_applied():
     pipe.set_progress_bar_config(disable=True)
     kwargs = tiny_spec("tiny-sd").call_kwargs(output_type="latent", height=32, width=32)
     dense = pipe("a photo", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.unet.set_attn_processor(diffaccel.AgentAttnProcessor(mode="agentsd"))
+    pipe.unet.set_attn_processor(diffaccel.AgentAttnProcessor(mode="agentsd", max_downsample=2))
     with pytest.warns(DiffAccelWarning):
         agent = pipe("a photo", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.isfinite(agent).all() and (agent - dense).abs().max() > 1e-4
     # apply after a bare install recovers the stock processors, and remove restores them
-    diffaccel.apply(pipe, diffaccel.AgentAttnProcessor(mode="agentsd"))
+    diffaccel.apply(pipe, diffaccel.AgentAttnProcessor(mode="agentsd", max_downsample=2))
     applied = pipe("a photo", generator=torch.Generator().manual_seed(0), **kwargs).images
     diffaccel.remove(pipe)
     assert (applied - dense).abs().max() > 1e-4

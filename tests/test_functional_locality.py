@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffaccel import functional as fn
 from diffaccel.errors import ConfigError
 from diffaccel.kernels import CustomMask, NeighborhoodMask, ShiftedWindowMask, TextSpec, classify_blocks, triton_usable
-from diffaccel.methods._locality import plan_for
+from diffaccel.sparse.plans import plan_for
 from diffaccel.methods.gna import analyze
 
 HEADS, DIM = 2, 16
@@ -384,7 +384,7 @@ def test_text_and_grid_errors():
         fn.tile_attention(q, k, v, (8, 8), (0,), slice(0, 5))
     with pytest.raises(ConfigError, match="frame indices in \\[0, 4\\)"):
         fn.tile_attention(q, k, v, (4, 4, 4), (4,), slice(0, 5))
-    with pytest.raises(ConfigError, match="for 3 heads but q has 2"):
+    with pytest.raises(ConfigError, match="3 per-head lists but the layer has 2 heads"):
         fn.tile_attention(q, k, v, (4, 4, 4), ((0,), (1,), (2,)), slice(0, 5))
     with pytest.raises(ConfigError, match="radius must be"):
         fn.circular_window_attention(q, k, v, (8, 8), 0, slice(0, 5))
@@ -422,7 +422,7 @@ def test_analyze_counts_blocks_exactly(grid, ks, st, dl, ca, block):
     assert result.row_major.visited_fraction == pytest.approx(visited)
     assert result.row_major.dense_fraction == pytest.approx(dense)
     if result.tiled is not None:
-        from diffaccel.methods._locality import tiled_token_order
+        from diffaccel.sparse.permutations import tiled_token_order
 
         order = tiled_token_order(spec.grid, result.tiled.tile, spec.dilation)
         visited, dense = brute_block_fractions(spec, order, block)
@@ -446,17 +446,15 @@ def test_analyze_reproduces_natten_published_bounds():
 
 
 def test_analyze_command_prints_the_bounds():
-    import typer
     from typer.testing import CliRunner
 
-    from diffaccel.methods.gna import analyze_command
+    from diffaccel.cli import app
 
-    app = typer.Typer()
-    app.command()(analyze_command)
-    result = CliRunner().invoke(app, ["--grid", "256x256", "--kernel-size", "80", "--stride", "16x16"])
+    gna = ["methods", "gna", "--analyze"]
+    result = CliRunner().invoke(app, gna + ["--grid", "256x256", "--kernel-size", "80", "--stride", "16x16"])
     assert result.exit_code == 0, result.output
     assert "10.24x" in result.output and "tile-major" in result.output and "3.20x" in result.output
-    result = CliRunner().invoke(app, ["--grid", "21x30", "--kernel-size", "1x9"])
+    result = CliRunner().invoke(app, gna + ["--grid", "21x30", "--kernel-size", "1x9"])
     assert isinstance(result.exception, ConfigError) and "kernel_size must be > 1" in str(result.exception)
-    result = CliRunner().invoke(app, ["--grid", "21xa", "--kernel-size", "3"])
+    result = CliRunner().invoke(app, gna + ["--grid", "21xa", "--kernel-size", "3"])
     assert isinstance(result.exception, ConfigError) and "--grid must look like" in str(result.exception)

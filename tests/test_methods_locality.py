@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+from adapter_fields import AdapterFields
 from image_models import flux_inputs, max_abs_diff, run, sd3_inputs, tiny_flux, tiny_sd3, tiny_unet, unet_inputs
 
 import diffaccel
@@ -251,7 +252,7 @@ def test_msw_on_unet_windows_only_the_highest_resolution_level():
         k = shift_index("random", 0, ctx.layer, ctx.step)
         return windows(lay.grid, (8, 6), (k * 2, k * 1))
 
-    compare(model, inputs, "msw", BruteForce(visual), **FAST)
+    compare(model, inputs, AdapterFields(get_method("msw", **FAST), unet=True), BruteForce(visual))
     assert seen == {(16, 12), (8, 6)}
 
 
@@ -273,9 +274,10 @@ def test_gna_on_hunyuan_with_padded_prompt():
     brute = BruteForce(lambda lay, ctx: neighborhood(lay.grid, (2, 3, 3), (1, 3, 3)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiffAccelWarning)  # a dense fallback would warn
-        compare(model, inputs, "gna", brute, kernel_size=(2, 3, 3), stride=(1, 3, 3), **FAST)
+        gna = AdapterFields(get_method("gna", kernel_size=(2, 3, 3), stride=(1, 3, 3), **FAST))
+        compare(model, inputs, gna, brute)
         inputs["encoder_attention_mask"][0, 3:] = 0  # both prompts padded alike: one group
-        compare(model, inputs, "gna", brute, kernel_size=(2, 3, 3), stride=(1, 3, 3), **FAST)
+        compare(model, inputs, gna, brute)
     assert brute.masked_calls == brute.calls
 
 
@@ -405,7 +407,7 @@ def test_tile_global_frames():
 @pytest.mark.parametrize(
     "method,config,match",
     [
-        ("gna", dict(kernel_size=1), "kernel_size must be >= 2"),
+        ("gna", dict(kernel_size=1), "kernel_size must be > 1"),
         ("gna", dict(stride=[1, 0]), "stride must be >= 1"),
         ("gna", dict(preset="flux"), "preset must be one of"),
         ("gna", dict(is_causal="yes"), "is_causal must be a bool"),
@@ -517,9 +519,9 @@ def test_clear_with_installed_weights_does_not_warn(tmp_path):
 
     model, inputs = tiny_flux(), flux_inputs(8, 8)
     _clear_file(model, tmp_path / "clear_local_2.safetensors", scale=0.3)
-    # via the method's setup (what diffaccel.apply runs) ...
+    # via the method's hook (what the pipeline-side setup of diffaccel.apply calls after installing) ...
     method = get_method("clear", radius=2, weights=str(tmp_path), **FAST)
-    method.setup_model(model)
+    method.note_distilled(load_clear_weights(model, tmp_path, radius=2).radius)
     # ... and via a bare processor on modules the loader marked
     load_clear_weights(model, tmp_path, radius=2)
     processor = ClearAttnProcessor(radius=2, **FAST)
@@ -527,9 +529,15 @@ def test_clear_with_installed_weights_does_not_warn(tmp_path):
         warnings.simplefilter("error", DiffAccelWarning)
         model.set_attn_processor(processor)
         out = run(model, inputs)
-    assert torch.isfinite(out).all()
+    # the distilled model under CLEAR equals the brute-force circle on the same weights, and differs from dense
+    brute = BruteForce(lambda lay, ctx: circle(lay.grid, 2))
+    model.set_attn_processor(DiffAccelAttnProcessor(brute))
+    expected = run(model, inputs)
+    model.set_attn_processor(DiffAccelAttnProcessor("dense"))
+    dense = run(model, inputs)
+    assert brute.calls > 0 and max_abs_diff(out, expected) <= 1e-4 and max_abs_diff(out, dense) > 1e-3
     with pytest.raises(ConfigError, match="distilled for radius 2 but the method uses radius 3"):
-        get_method("clear", radius=3, **FAST).setup_model(model)
+        get_method("clear", radius=3, **FAST).note_distilled(2.0)
     unset = get_method("clear", radius=2, weights=str(tmp_path), **FAST)
     q, k, v = (torch.randn(1, 2, 69, 8) for _ in range(3))
     with pytest.raises(ConfigError, match="weights= was given but never installed"):
@@ -550,7 +558,7 @@ def test_cli_generate_with_gna(tmp_path):
     assert result.exit_code == 0, result.output
     assert any(tmp_path.rglob("*.png"))
     result = CliRunner().invoke(app, args[:-6] + ["--set", "kernel_size=1"])
-    assert isinstance(result.exception, DiffAccelError) and "kernel_size must be >= 2" in str(result.exception)
+    assert isinstance(result.exception, DiffAccelError) and "kernel_size must be > 1" in str(result.exception)
 
 
 def test_other_methods_warn_when_clear_weights_linger(tmp_path):

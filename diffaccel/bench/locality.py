@@ -59,7 +59,7 @@ from diffaccel.bench.kernels import (
 from diffaccel.bench.shapes import SHAPES, TINY_SHAPES, AttentionShape, get_shape
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
-from diffaccel.kernels.masks import CircleMask, MaskSpec, SparseBlockMask, TextSpec, TileMask
+from diffaccel.kernels.masks import CircleMask, SparseBlockMask, TextSpec
 from diffaccel.layout import TokenLayout
 
 __all__ = [
@@ -145,7 +145,7 @@ class MethodSetup:
     layout: TokenLayout
     ctx: RunContext
     params: dict  # the resolved parameters (reported)
-    plan: Any  # diffaccel.methods._locality.AttentionPlan of the kernel launch
+    plan: Any  # diffaccel.sparse.plans.AttentionPlan of the kernel launch (the method's own)
     mask_mod: Callable  # the element mask in sequence order, FlexAttention signature
     flex_mask_mod: Callable  # the same, written for torch.compile (no Python-side caches)
     per_frame: bool  # CLEAR per frame: frames folded into the batch (the plan is one frame's)
@@ -163,74 +163,32 @@ def _layout(shape: AttentionShape) -> TokenLayout:
 def method_setup(name: str, shape: AttentionShape, device: str, heads: int | None = None) -> MethodSetup:
     """Build ``name`` with its default configuration for ``shape``'s grid, and describe its mask and plan.
 
-    Raises ConfigError when the method does not apply to the grid (tile on an image grid).
+    The plan is the method's own (``method.plan(layout, ctx)``), so the benchmark knows no method. Raises
+    ConfigError when the method does not apply to the grid (tile on an image grid) or runs dense there.
     """
-    from diffaccel.methods._locality import layout_text_spec, plan_for
     from diffaccel.methods.base import get_method
 
     heads = shape.heads if heads is None else heads
-    grid = shape.grid
     overrides: dict[str, Any] = {}
     if shape.tiny:
         overrides["block_size"] = 16
         if name == "clear":
             overrides["radius"] = TINY_CLEAR_RADIUS
-    if name == "tile" and len(grid) != 3:
-        raise ConfigError(f"tile runs on video grids (frames, height, width) only; {shape.name} has grid {grid}")
-    method = get_method(name, **overrides)
-    cfg = method.config
-    layout = _layout(shape)
-    ctx = RunContext(grid=grid, text_len=shape.text_tokens, layer=_LAYER)
-    text = layout_text_spec(layout)
-    params: dict[str, Any] = {"block_size": cfg.block_size}
-    per_frame = False
-    notes: list[str] = []
-    if name == "gna":
-        ks, st, dl, _ = cfg.parameters_for(grid)
-        spec: MaskSpec = method.spec_for(layout, cfg)
-        params.update(preset={2: "image", 3: "video"}.get(len(grid)), kernel_size=ks, stride=st, dilation=dl)
-    elif name == "tile":
-        spec = method.spec_for(layout, cfg, heads, _LAYER)
-        params.update(global_frames=cfg.frames_for(grid[0], heads), placement=cfg.placement)
-    elif name == "msw":
-        spec = method.spec_for(layout, ctx, cfg)
-        params.update(window=spec.window, shift=spec.shift)
-    elif name == "clear":
-        per_frame = len(grid) == 3 and cfg.video == "per_frame"
-        params.update(radius=cfg.radius, video=cfg.video if len(grid) == 3 else None)
-        notes.append("training-free (no distilled CLEAR weights): speed and mask error only")
-        if per_frame:
-            frame = CircleMask(grid[1:], cfg.radius)
-            plan = plan_for(frame, cfg.block_size, device)
-            mod = per_frame_circle_mask_mod(grid, cfg.radius, text)
-            return MethodSetup(method, layout, ctx, params, plan, mod, mod, True, notes)
-        spec = CircleMask(grid, cfg.radius, text=text)
-    else:
+    if name not in LOCALITY_METHODS:
         raise ConfigError(f"method must be one of {list(LOCALITY_METHODS)}, got {name!r}")
-    plan = plan_for(spec, cfg.block_size, device)
-    return MethodSetup(method, layout, ctx, params, plan, spec.mask_mod, _compilable_mask_mod(spec, device), per_frame,
-                       notes)  # fmt: skip
+    method = get_method(name, **overrides)
+    layout = _layout(shape)
+    ctx = RunContext(grid=shape.grid, text_len=shape.text_tokens, layer=_LAYER)
+    plan = method.plan(layout, ctx, heads=heads, device=device)
+    if plan is None:
+        raise ConfigError(f"{name} runs dense on {shape.name} (grid {shape.grid}) with its default configuration")
+    params: dict[str, Any] = {"block_size": method.config.block_size, **method.plan_parameters(layout, ctx, heads=heads)}
+    notes = list(_SETUP_NOTES.get(name, ()))
+    per_frame = plan.folded is not None or plan.layout.startswith("per-frame")
+    return MethodSetup(method, layout, ctx, params, plan, plan.mask_mod, plan.mask_mod, per_frame, notes)
 
 
-def _compilable_mask_mod(spec: MaskSpec, device: str) -> Callable:
-    """``spec.mask_mod``, except that the attention-tile mask reads its frame table from a captured tensor (the
-    spec's own mask_mod looks it up in an lru_cache, which torch.compile should not trace)."""
-    if not isinstance(spec, TileMask):
-        return spec.mask_mod
-    table = spec.kernel_table(device).bool()
-    per_head = spec.per_head
-    nt, nv, grid = spec.num_text, spec.num_visual, spec.grid
-    hw = math.prod(grid[1:])
-    prefix = spec.text_mode == 1
-
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
-        qv, kv = (q_idx - nt, kv_idx - nt) if prefix else (q_idx, kv_idx)
-        is_text = (qv < 0) | (qv >= nv) | (kv < 0) | (kv >= nv)
-        fq, fk = qv.clamp(0, nv - 1) // hw, kv.clamp(0, nv - 1) // hw
-        head = h if per_head else torch.zeros_like(fq)
-        return is_text | (fq == fk) | table[head, fq] | table[head, fk]
-
-    return mask_mod
+_SETUP_NOTES = {"clear": ("training-free (no distilled CLEAR weights): speed and mask error only",)}
 
 
 def per_frame_circle_mask_mod(grid: tuple[int, ...], radius: float, text: TextSpec | None) -> Callable:
@@ -331,7 +289,7 @@ def _flex_runner(setup: MethodSetup, shape: AttentionShape, scale: float, compil
             # Eager Flex evaluates only the mask_mod: give it the block table of the kernel's order.
             mask_mod, what = _block_table_mask_mod(plan.block_mask, shape), "full blocks only (block-table mask_mod)"
         elif permuted:
-            mask_mod, what = plan.block_mask.spec.mask_mod, "the kernel-order spec's mask_mod on partial blocks"
+            mask_mod, what = plan.kernel_mask_mod, "the spec's mask_mod read through the order on partial blocks"
         else:
             mask_mod, what = setup.flex_mask_mod, "the spec's mask_mod on partial blocks"
         if permuted:

@@ -18,7 +18,8 @@ Two ways to choose the agents (``mode``):
   used only when ``2·n < N'`` (``N'`` merged tokens), as upstream.
 * ``"pooled"``, for DiTs: agents are the queries average-pooled over the visual grid to ``agent_grid`` (the
   paper's general form: A = AdaptiveAvgPool(Q), 7×7 = 49 agents). No merging.
-* ``"auto"`` (default) picks ``agentsd`` on SD/SDXL UNets and ``pooled`` on joint-attention and video DiTs.
+* ``"auto"`` (default) picks ``agentsd`` on UNet levels (``layout.hierarchical``, set by the adapter) and
+  ``pooled`` on transformers (joint-attention and video DiTs).
 
 Text tokens of joint attention (SD3, FLUX, video DiTs) stay exact: text queries attend to every key with plain
 softmax attention; visual queries go through the agents, whose stage 1 attends to every key (text included).
@@ -48,7 +49,7 @@ from diffaccel.methods.base import (
     register_method,
     sdpa,
 )
-from diffaccel.pipelines.tome import MergePlan, bipartite_matching
+from diffaccel.methods._tome import MergePlan, bipartite_matching
 from diffaccel.warn import warn_once
 
 MODES = ("auto", "agentsd", "pooled")
@@ -65,7 +66,7 @@ class AgentConfig(MethodConfig):
 
     mode: str = field(default="auto", metadata=config_help(
         "'agentsd' (UNets: ToMe-merged agents, AgentSD recipe), 'pooled' (DiTs: agents = queries average-pooled), "
-        "or 'auto': agentsd for 2-D grids of models without joint text (SD/SDXL UNets), pooled otherwise"))
+        "or 'auto': agentsd on UNet levels (layout.hierarchical), pooled on transformers"))
     agent_fraction: float | None = field(default=None, metadata=config_help(
         "fraction of the denoising steps that use agent attention, from the start; None: 0.4 for agentsd "
         "(20 of 50 steps, AgentSD README), 1.0 for pooled"))
@@ -86,8 +87,8 @@ class AgentConfig(MethodConfig):
     late_tome: bool = field(default=True, metadata=config_help(
         "agentsd: after the agent steps keep ToMe merging (upstream recipe); False runs exact attention"))
     max_downsample: int | None = field(default=None, metadata=config_help(
-        "agentsd: deepest UNet level (latent/tokens downsample factor) to change; None: the highest-resolution "
-        "level that has attention (1 on SD 1.x as upstream's default, 2 on SDXL)"))
+        "agentsd: deepest UNet level (layout.downsample: latent/level size) to change; None: 1, the latent-"
+        "resolution level (SD 1.x, upstream's default); SDXL's first attention level is 2"))
     metric: str = field(default="keys", metadata=config_help(
         "agentsd: token similarity for merging ('keys' as in ToMe; AgentSD uses the block input, which an "
         "attention processor does not see)"))
@@ -148,9 +149,6 @@ class AgentMethod(MethodBase):
 
     def __init__(self, config: AgentConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
-        # Smallest downsample factor seen per latent grid: the highest-resolution attention level (the UNet
-        # down path visits it first), used when max_downsample is None.
-        self._min_downsample: dict[tuple[int, ...], int] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ------------------------------------------------------------------------------------------ dispatch
@@ -218,20 +216,9 @@ class AgentMethod(MethodBase):
         return ctx.step < round(fraction * ctx.num_steps)
 
     def _in_high_resolution_level(self, layout: TokenLayout, ctx: RunContext) -> bool:
-        if ctx.grid is None:
-            warn_once(
-                "agent-latent-grid",
-                "agent: the latent grid is unknown (processor installed without diffaccel.apply), so the UNet level "
-                "of a call cannot be told; agentsd runs on every self-attention layer",
-            )
-            return True
-        downsample = math.ceil(math.sqrt(math.prod(ctx.grid) / layout.num_visual))
-        limit = self.config.max_downsample
-        if limit is None:
-            limit = self._min_downsample.setdefault(tuple(ctx.grid), downsample)
-            if downsample < limit:
-                limit = self._min_downsample[tuple(ctx.grid)] = downsample
-        return downsample <= limit
+        """``layout.downsample <= max_downsample`` (default 1: the latent-resolution level), from the adapter."""
+        limit = 1 if self.config.max_downsample is None else self.config.max_downsample
+        return layout.downsample <= limit
 
     def _generator(self, ctx: RunContext, batch: int, device: torch.device) -> torch.Generator | None:
         """A generator on ``device`` seeded by (seed, step, layer): reproducible, and drawn without host syncs.
@@ -248,13 +235,11 @@ class AgentMethod(MethodBase):
 
 
 def resolve_mode(mode: str, layout: TokenLayout, ctx: RunContext) -> str:
-    """``auto``: ``agentsd`` for 2-D grids in models without joint text tokens (SD/SDXL UNets: the run context
-    has no text length and the call no text), ``pooled`` for joint-attention and video DiTs."""
+    """``auto``: ``agentsd`` on a UNet level (``layout.hierarchical``, set by the adapter), ``pooled`` on a
+    transformer (joint-attention and video DiTs)."""
     if mode != "auto":
         return mode
-    if ctx.text_len is None and not layout.num_text and len(layout.grid) == 2:
-        return "agentsd"
-    return "pooled"
+    return "agentsd" if layout.hierarchical else "pooled"
 
 
 def _stride_for(grid: tuple[int, ...], stride: tuple[int, int]) -> tuple[int, ...]:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError, UnknownMethodError
 from diffaccel.layout import TokenLayout
+from diffaccel.sparse.checks import BACKENDS as _KERNEL_BACKENDS
+from diffaccel.sparse.checks import check_backend as _check_backend
 
 
 @dataclass
@@ -212,12 +214,14 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
 
 
 def check_backend(value: str) -> None:
-    check_choice("backend", value, BACKENDS)
+    """``backend`` must be one of :data:`BACKENDS` (the one checker of :mod:`diffaccel.sparse.checks`)."""
+    _check_backend(value)
 
 
-BACKENDS = ("auto", "triton", "reference")
-"""Kernel backends a method may be asked for: ``auto`` picks Triton on CUDA (or under TRITON_INTERPRET=1) and
-the PyTorch reference otherwise (with a one-time warning); ``reference`` forces the plain PyTorch path."""
+BACKENDS = _KERNEL_BACKENDS
+"""Kernel backends a method may be asked for (defined once, in :mod:`diffaccel.kernels.dispatch`): ``auto`` picks
+Triton on CUDA (or under TRITON_INTERPRET=1) and the PyTorch reference otherwise (with a one-time warning);
+``reference`` forces the plain PyTorch path."""
 
 
 def in_dense_steps(ctx: RunContext, dense_steps: int) -> bool:

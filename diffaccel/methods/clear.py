@@ -7,12 +7,12 @@ see fewer keys) and to every text key; text queries attend to every token.
 
 CLEAR is a *distilled* method: the authors fine-tune FLUX.1-dev's attention projections for each radius and state
 that the window on the original weights gives poor, repetitive images (Huage001/CLEAR#14). Pass ``weights=`` (a
-folder, a file or the Hub repo ``Huage001/CLEAR``) to install the distilled projections when the method is applied,
-or call :func:`diffaccel.pipelines.clear_weights.load_clear_weights` yourself; without them the method runs
-training-free and warns once.
+folder, a file or the Hub repo ``Huage001/CLEAR``): the pipeline layer installs the distilled projections when the
+method is applied (a model-setup hook on the pipeline side, which then calls :meth:`ClearMethod.note_distilled`);
+without them the method runs training-free and warns once. The method itself holds no model code.
 
 Video grids ``(frames, height, width)``: ``video="per_frame"`` (default) applies the 2-D circle inside each frame
-(CLEAR's definition, frame by frame); ``video="ball"`` measures the distance over (frame, row, column), the 3-D
+(CLEAR's definition, frame by frame; one kernel launch when frames are block-aligned, :mod:`diffaccel.sparse.per_frame`); ``video="ball"`` measures the distance over (frame, row, column), the 3-D
 extension STA benchmarked as its CLEAR baseline on HunyuanVideo (research/locality.md §3.4).
 """
 
@@ -28,20 +28,18 @@ from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import CircleMask
 from diffaccel.layout import TokenLayout
-from diffaccel.methods._locality import (
-    LocalityConfig,
-    LocalityMethod,
-    layout_text_spec,
-    per_frame_circle_attention,
-    run_spec,
-)
-from diffaccel.methods.base import check_choice, config_help, register_method
+from diffaccel.methods._locality import LocalityConfig, LocalityMethod
+from diffaccel.methods.base import check_choice, check_positive_int, config_help, register_method
+from diffaccel.sparse.checks import check_radius
+from diffaccel.sparse.per_frame import per_frame_plan
+from diffaccel.sparse.plans import AttentionPlan, plan_for, run_plan
+from diffaccel.sparse.text import layout_text_spec
 from diffaccel.warn import warn_once
 
 VIDEO_MODES = ("per_frame", "ball")
-TRAIN_TOKENS = 64 * 64 + 512
+DEFAULT_TRAIN_TOKENS = 64 * 64 + 512
 """Tokens of CLEAR's training resolution (1024 px FLUX: 64x64 image tokens + 512 text), the base of its
-proportional attention scale."""
+proportional attention scale (the ``train_tokens`` default)."""
 
 
 @dataclass
@@ -62,14 +60,14 @@ class ClearConfig(LocalityConfig):
     weights_file: str | None = field(default=None, metadata=config_help(
         "file inside the weights folder or repo; default clear_local_{radius}.safetensors"))
     proportional_attention: bool = field(default=False, metadata=config_help(
-        "CLEAR's high-resolution scale: softmax scale times sqrt(log(N) / log(4608)), N = tokens of the call"))
+        "CLEAR's high-resolution scale: softmax scale times sqrt(log(N) / log(train_tokens)), N = tokens of the call"))
+    train_tokens: int = field(default=DEFAULT_TRAIN_TOKENS, metadata=config_help(
+        "tokens of the training resolution, the base of proportional_attention (CLEAR: FLUX 1024 px, 64*64 + 512)"))
 
     def validate(self) -> None:
         super().validate()
-        r = self.radius
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ConfigError(f"radius must be a finite number > 0 (latent tokens), got {r!r}")
-        self.radius = float(r)
+        self.radius = check_radius(self.radius)
+        check_positive_int("train_tokens", self.train_tokens, minimum=2)
         check_choice("video", self.video, VIDEO_MODES)
         for name in ("weights", "weights_file"):
             value = getattr(self, name)
@@ -92,17 +90,8 @@ class ClearMethod(LocalityMethod):
         self._distilled = False
 
     # -- distilled weights ----------------------------------------------------------------------------------------
-    def setup_model(self, model: torch.nn.Module) -> None:
-        """Install ``weights`` on ``model`` (called when the method is applied); note weights already there."""
-        from diffaccel.pipelines.clear_weights import installed_clear_weights, load_clear_weights
-
-        cfg = self.config
-        info = installed_clear_weights(model)
-        if cfg.weights is not None:
-            info = load_clear_weights(model, cfg.weights, radius=cfg.radius, filename=cfg.weights_file)
-        if info is not None:
-            self.note_distilled(info.radius)
-
+    # Installing ``weights`` is model code: the pipeline layer does it when the method is applied, then calls
+    # note_distilled(radius) (also for distilled weights found already installed on the model).
     def note_distilled(self, radius: float | None) -> None:
         """Record that the model's projections are CLEAR-distilled for ``radius`` (checked against the config)."""
         if radius is not None and float(radius) != self.config.radius:
@@ -113,13 +102,28 @@ class ClearMethod(LocalityMethod):
         self._distilled = True
 
     # -- attention ------------------------------------------------------------------------------------------------
+    def build_plan(  # type: ignore[override]
+        self, layout: TokenLayout, ctx: RunContext, cfg: ClearConfig, *, heads: int, device: torch.device
+    ) -> AttentionPlan:
+        grid = layout.grid
+        assert grid is not None
+        text = layout_text_spec(layout)
+        if len(grid) == 3 and cfg.video == "per_frame":
+            return per_frame_plan(grid, cfg.radius, text, cfg.block_size, device)  # type: ignore[arg-type]
+        return plan_for(CircleMask(grid, cfg.radius, text=text), cfg.block_size, device)
+
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        cfg = self.config_for(ctx.layer) or self.config
+        assert layout.grid is not None
+        return {"radius": cfg.radius, "video": cfg.video if len(layout.grid) == 3 else None}
+
     def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
         if not self._distilled:
             if cfg.weights is not None:
                 raise ConfigError(
                     "clear: weights= was given but never installed: apply the method with diffaccel.apply(pipe, "
                     "'clear', weights=...), or call diffaccel.pipelines.clear_weights.load_clear_weights(transformer, "
-                    "...) before installing the processor"
+                    "...) and method.note_distilled(radius) before installing the processor"
                 )
             warn_once(
                 "clear-training-free",
@@ -129,14 +133,7 @@ class ClearMethod(LocalityMethod):
             )
         if cfg.proportional_attention:
             base = q.shape[-1] ** -0.5 if scale is None else float(scale)
-            scale = base * math.sqrt(math.log(q.shape[2]) / math.log(TRAIN_TOKENS))
-        grid = layout.grid
-        assert grid is not None
-        text = layout_text_spec(layout)
-        if len(grid) == 3 and cfg.video == "per_frame":
-            return per_frame_circle_attention(
-                q, k, v, grid, cfg.radius, text, block_size=cfg.block_size, scale=scale, backend=cfg.backend
-            )
-        spec = CircleMask(grid, cfg.radius, text=text)
-        return run_spec(q, k, v, spec, block_size=cfg.block_size, scale=scale, backend=cfg.backend)
-
+            scale = base * math.sqrt(math.log(q.shape[2]) / math.log(cfg.train_tokens))
+        plan = self.plan(layout, ctx, heads=q.shape[1], device=q.device)
+        assert plan is not None
+        return run_plan(q, k, v, plan, scale=scale, backend=cfg.backend)

@@ -7,10 +7,13 @@ Self-attention of the highest-resolution attention level runs inside windows of 
 4)``, ``k`` in {0, 1, 2, 3}; tokens wrapped across the border share windows (no Swin mask). Cross-attention stays
 global.
 
-Levels: on a UNet the windowed blocks are exactly HiDiffusion's (SD 1.5/2.1: ``down_blocks.0`` and ``up_blocks.3``;
-SDXL: ``down_blocks.1`` and ``up_blocks.1``) because the rule is the same: the highest-resolution level that has
-attention. On a DiT every layer has the latent grid, so every self/joint attention is windowed, with text tokens
-global (an extension: HiDiffusion is UNet-only). On a video grid the windows cover all frames and split height and
+Levels: the adapter tells the UNet level of a call (``layout.downsample``: how many times smaller its grid is than
+the latent grid; ``layout.hierarchical``). A level is windowed when ``downsample <= max_downsample``; the default
+(None) is 1, the latent-resolution level: SD 1.5/2.1's ``down_blocks.0`` and ``up_blocks.3`` as in HiDiffusion.
+SDXL has no attention at that level; HiDiffusion windows its 2x level (``down_blocks.1``, ``up_blocks.1``): set
+``max_downsample=2``. On a DiT every layer has the latent grid
+(downsample 1), so every self/joint attention is windowed, with text tokens global (an extension: HiDiffusion is
+UNet-only). On a video grid the windows cover all frames and split height and
 width.
 
 Differences from upstream, on purpose: a window that does not divide the grid leaves a smaller last window (upstream
@@ -24,14 +27,17 @@ import functools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+
+import torch
 
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import ShiftedWindowMask
 from diffaccel.layout import TokenLayout
-from diffaccel.methods._locality import LocalityConfig, LocalityMethod, as_int_tuple, layout_text_spec, run_spec
-from diffaccel.methods.base import check_choice, check_positive_int, config_help, register_method, sdpa
+from diffaccel.methods._locality import LocalityConfig, LocalityMethod, as_int_tuple
+from diffaccel.methods.base import check_choice, check_positive_int, config_help, register_method
+from diffaccel.sparse.plans import AttentionPlan, plan_for
+from diffaccel.sparse.text import layout_text_spec
 
 SHIFT_POLICIES = ("random", "no_repeat", "cyclic")
 NUM_SHIFTS = 4  # shifts of 0, 1/4, 1/2, 3/4 of the window
@@ -43,8 +49,8 @@ class MSWConfig(LocalityConfig):
 
     ``shift_policy``: ``"random"`` draws the shift index uniformly (upstream), ``"no_repeat"`` never repeats the
     previous step's index in a layer (the ComfyUI port ``blepping/comfyui_jankhidiffusion``), ``"cyclic"`` takes
-    ``step mod 4``. ``max_downsample=None`` windows only the highest-resolution attention level (upstream); an
-    integer windows every level whose grid is at most that factor below the latent grid.
+    ``step mod 4``. ``max_downsample``: window every level whose grid is at most that factor below the latent grid
+    (``layout.downsample``); None means 1, the latent-resolution level (SD 1.x upstream; SDXL upstream is 2).
     """
 
     window: int | tuple[int, ...] | None = field(default=None, metadata=config_help(
@@ -53,7 +59,8 @@ class MSWConfig(LocalityConfig):
         "'random' (upstream, seeded), 'no_repeat' (never the previous step's shift) or 'cyclic' (step mod 4)"))
     seed: int = field(default=0, metadata=config_help("seed of the shift draws"))
     max_downsample: int | None = field(default=None, metadata=config_help(
-        "deepest UNet level (latent/level size) to window; None: the highest-resolution level with attention"))
+        "deepest UNet level (latent/level size) to window; None: 1, the latent-resolution level (SD 1.x as "
+        "upstream; set 2 for SDXL, whose first attention level is 2x down)"))
 
     def validate(self) -> None:
         super().validate()
@@ -108,43 +115,38 @@ class MSWMethod(LocalityMethod):
     config_class = MSWConfig
     config: MSWConfig
 
-    def __init__(self, config: MSWConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self._min_downsample: dict[Any, int] = {}
-        self._largest: dict[Any, int] = {}
+    def windowed_level(self, layout: TokenLayout, cfg: MSWConfig) -> bool:
+        """Whether the call's UNet level is windowed: ``layout.downsample <= max_downsample`` (default 1)."""
+        limit = 1 if cfg.max_downsample is None else cfg.max_downsample
+        return layout.downsample <= limit
 
-    def downsample(self, layout: TokenLayout, ctx: RunContext) -> int:
-        """How many times smaller the call's grid is than the latent grid (1 on DiTs)."""
-        grid = layout.grid
-        assert grid is not None
-        if ctx.grid is not None:
-            base = math.prod(ctx.grid)
-        else:  # without diffaccel.apply's hook: relative to the largest grid seen
-            key = len(grid)
-            self._largest[key] = max(self._largest.get(key, 0), math.prod(grid))
-            base = self._largest[key]
-        return max(1, round(math.sqrt(base / math.prod(grid))))
-
-    def windowed_level(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> bool:
-        ds = self.downsample(layout, ctx)
-        if cfg.max_downsample is not None:
-            return ds <= cfg.max_downsample
-        key = ctx.grid
-        self._min_downsample[key] = min(self._min_downsample.get(key, ds), ds)
-        return ds == self._min_downsample[key]
-
-    def spec_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> ShiftedWindowMask:
+    def shift_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> tuple[int, ...]:
+        """The shift of ``ctx.layer`` at ``ctx.step``: ``k * floor(window / 4)`` on the spatial dimensions."""
         grid = layout.grid
         assert grid is not None
         win = cfg.window_for(grid)
         k = shift_index(cfg.shift_policy, cfg.seed, ctx.layer, ctx.step)
         nd = len(grid)
         spatial = min(2, nd)
-        shift = tuple(0 if a < nd - spatial else (k * (w // 4)) % n for a, (n, w) in enumerate(zip(grid, win)))
-        return ShiftedWindowMask(grid, win, shift, text=layout_text_spec(layout))
+        return tuple(0 if a < nd - spatial else (k * (w // 4)) % n for a, (n, w) in enumerate(zip(grid, win)))
 
-    def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
-        if not self.windowed_level(layout, ctx, cfg):
-            return sdpa(q, k, v, scale=scale)
-        spec = self.spec_for(layout, ctx, cfg)
-        return run_spec(q, k, v, spec, block_size=cfg.block_size, scale=scale, backend=cfg.backend)
+    def spec_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> ShiftedWindowMask:
+        grid = layout.grid
+        assert grid is not None
+        win = cfg.window_for(grid)
+        return ShiftedWindowMask(grid, win, self.shift_for(layout, ctx, cfg), text=layout_text_spec(layout))
+
+    def plan_key(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> int:  # type: ignore[override]
+        """The plan changes with the shift index (one of four per layer), not with the step itself."""
+        return shift_index(cfg.shift_policy, cfg.seed, ctx.layer, ctx.step)
+
+    def build_plan(  # type: ignore[override]
+        self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig, *, heads: int, device: torch.device
+    ) -> AttentionPlan | None:
+        if not self.windowed_level(layout, cfg):
+            return None
+        return plan_for(self.spec_for(layout, ctx, cfg), cfg.block_size, device)
+
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        spec = self.spec_for(layout, ctx, self.config_for(ctx.layer) or self.config)  # type: ignore[arg-type]
+        return {"window": spec.window, "shift": spec.shift}

@@ -15,14 +15,18 @@ are out of scope. Video grids only: image models raise a clear error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+import torch
 
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import TileMask
 from diffaccel.layout import TokenLayout
-from diffaccel.methods._locality import LocalityConfig, LocalityMethod, layout_text_spec, run_spec
+from diffaccel.methods._locality import LocalityConfig, LocalityMethod
 from diffaccel.methods.base import check_choice, config_help, register_method
+from diffaccel.sparse.checks import check_global_frames
+from diffaccel.sparse.plans import AttentionPlan, plan_for
+from diffaccel.sparse.text import layout_text_spec
 
 PLACEMENTS = ("first", "uniform")
 
@@ -55,16 +59,7 @@ class TileConfig(LocalityConfig):
             if g < 0:
                 raise ConfigError(f"global_frames as a count must be >= 0, got {g}")
             return
-        if not isinstance(g, (list, tuple)):
-            raise ConfigError(f"global_frames must be an integer, a list of frame indices or one list per head, got {g!r}")
-        per_head = len(g) > 0 and all(isinstance(x, (list, tuple)) for x in g)
-        rows = [tuple(x) for x in g] if per_head else [tuple(g)]
-        for row in rows:
-            if any(not isinstance(f, int) or isinstance(f, bool) or f < 0 for f in row):
-                raise ConfigError(f"global_frames must hold frame indices >= 0, got {g!r}")
-            if len(set(row)) != len(row):
-                raise ConfigError(f"global_frames lists a frame twice: {g!r}")
-        self.global_frames = tuple(rows) if per_head else rows[0]
+        self.global_frames = check_global_frames(g)
 
     def frames_for(self, num_frames: int, heads: int) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
         """The global frames on a clip of ``num_frames`` latent frames (one tuple, or one per head)."""
@@ -74,15 +69,7 @@ class TileConfig(LocalityConfig):
             if count > num_frames:
                 raise ConfigError(f"tile: {count} global frames requested but the clip has {num_frames} latent frames")
             return _place(count, num_frames, self.placement)
-        per_head = len(g) > 0 and isinstance(g[0], tuple)
-        rows = g if per_head else (g,)
-        for row in rows:
-            bad = [f for f in row if f >= num_frames]  # type: ignore[operator]
-            if bad:
-                raise ConfigError(f"tile: global frames {bad} are outside the clip's {num_frames} latent frames")
-        if per_head and len(rows) != heads:
-            raise ConfigError(f"tile: global_frames gives {len(rows)} per-head lists but the layer has {heads} heads")
-        return g  # type: ignore[return-value]
+        return check_global_frames(g, num_frames, heads, who="tile: ")
 
 
 def _place(count: int, num_frames: int, placement: str) -> tuple[int, ...]:
@@ -111,6 +98,13 @@ class TileMethod(LocalityMethod):
             )
         return TileMask(grid, cfg.frames_for(grid[0], heads), text=layout_text_spec(layout))
 
-    def local_attention(self, q, k, v, layout: TokenLayout, ctx: RunContext, cfg: Any, *, scale):  # type: ignore[override]
-        spec = self.spec_for(layout, cfg, q.shape[1], ctx.layer)
-        return run_spec(q, k, v, spec, block_size=cfg.block_size, scale=scale, backend=cfg.backend)
+    def build_plan(  # type: ignore[override]
+        self, layout: TokenLayout, ctx: RunContext, cfg: TileConfig, *, heads: int, device: torch.device
+    ) -> AttentionPlan:
+        return plan_for(self.spec_for(layout, cfg, heads, ctx.layer), cfg.block_size, device)
+
+    def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
+        cfg = self.config_for(ctx.layer) or self.config
+        spec = self.spec_for(layout, cfg, heads, ctx.layer)  # type: ignore[arg-type]
+        return {"global_frames": spec.global_frames, "placement": cfg.placement}  # type: ignore[attr-defined]
+
