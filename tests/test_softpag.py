@@ -15,7 +15,7 @@ from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError, UnsupportedModelError
 from diffaccel.layout import TokenLayout
 from diffaccel.methods.base import sdpa
-from diffaccel.methods.softpag import SoftPAGMethod, layer_matches, load_heads
+from diffaccel.methods.softpag import SoftPAGMethod, layer_or_parent_matches, load_heads
 from diffaccel.pipelines.guidance import (
     combine_predictions,
     disable_softpag,
@@ -56,7 +56,7 @@ def test_method_blends_selected_heads_of_perturbed_rows_only():
     ctx = RunContext(layer="blocks.2.attn")
     dense = sdpa(q, k, v)
     torch.testing.assert_close(method(q, k, v, layout, ctx), dense)  # no perturbed rows: inner method only
-    ctx.perturbed_rows = slice(2, 3)
+    method.perturbed_rows = slice(2, 3)  # what the guidance hooks set for the perturbed branch
     out = method(q, k, v, layout, ctx)
     expected = dense.clone()
     for h in (1, 3):
@@ -73,8 +73,10 @@ def test_image_identity_equals_masked_attention(text_first):
     text = slice(0, n_txt) if text_first else slice(n_img, n_img + n_txt)
     layout = TokenLayout(n_img + n_txt, (3, 4), text=text)
     q, k, v = (torch.randn(2, 2, n_img + n_txt, 8) for _ in range(3))
-    ctx = RunContext(layer="x", perturbed_rows=slice(1, 2))
-    out = SoftPAGMethod(layers=["x"], identity="image", strength=1.0)(q, k, v, layout, ctx)
+    ctx = RunContext(layer="x")
+    method = SoftPAGMethod(layers=["x"], identity="image", strength=1.0)
+    method.perturbed_rows = slice(1, 2)
+    out = method(q, k, v, layout, ctx)
     mask = torch.zeros(n_img + n_txt, n_img + n_txt)
     img = torch.arange(n_img) + (n_txt if text_first else 0)
     mask[img[:, None], img[None, :]] = float("-inf")
@@ -84,10 +86,10 @@ def test_image_identity_equals_masked_attention(text_first):
 
 
 def test_layer_names_match_whole_components():
-    assert layer_matches("transformer_blocks.1", "transformer_blocks.1.attn")
-    assert layer_matches("transformer_blocks.1.attn", "transformer_blocks.1.attn")
-    assert not layer_matches("transformer_blocks.1", "transformer_blocks.10.attn")
-    assert not layer_matches("transformer_blocks.1.at", "transformer_blocks.1.attn")
+    assert layer_or_parent_matches("transformer_blocks.1", "transformer_blocks.1.attn")
+    assert layer_or_parent_matches("transformer_blocks.1.attn", "transformer_blocks.1.attn")
+    assert not layer_or_parent_matches("transformer_blocks.1", "transformer_blocks.10.attn")
+    assert not layer_or_parent_matches("transformer_blocks.1.at", "transformer_blocks.1.attn")
     from diffusers import SD3Transformer2DModel
 
     model = SD3Transformer2DModel(
@@ -170,14 +172,15 @@ def test_combination_equals_diffusers_pag_formula(cfg, scale, adaptive, t):
 def test_batch_order_and_perturbed_rows(sd3):
     """With CFG the denoiser sees [uncond, cond, cond]; the method sees rows 2B:3B as perturbed."""
     seen = []
+    softpag = []
 
     class Spy(diffaccel.methods.dense.DenseMethod):
         def __call__(self, q, k, v, layout, ctx, **kw):
-            seen.append((q.shape[0], ctx.perturbed_rows))
+            seen.append((q.shape[0], softpag[0].perturbed_rows))
             return super().__call__(q, k, v, layout, ctx, **kw)
 
     diffaccel.apply(sd3, Spy())
-    enable_softpag(sd3, layers=["transformer_blocks.0"])  # wraps the method already applied
+    softpag.append(enable_softpag(sd3, layers=["transformer_blocks.0"]).method)  # wraps the method already applied
     inputs = []
     handle = sd3.transformer.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw), with_kwargs=True)
     try:
@@ -285,7 +288,8 @@ def test_qk_norm_is_applied_in_the_perturbed_branch():
 
     def perturbed(u):
         method = SoftPAGMethod(layers=["blk"], strength=u)
-        proc = DiffAccelAttnProcessor(method, context=RunContext(perturbed_rows=slice(1, 2)))
+        method.perturbed_rows = slice(1, 2)
+        proc = DiffAccelAttnProcessor(method, context=RunContext())
         attn.__dict__["_diffaccel_name"] = "blk"
         attn.__dict__["_diffaccel_stock_processor"] = JointAttnProcessor2_0()
         attn.__dict__.pop("_diffaccel_adapter", None)

@@ -7,7 +7,9 @@ Both block kinds attend over ``[video tokens, text tokens]``: text is a suffix o
 - Single-stream blocks (``pre_only``, no ``add_q_proj``): the block passes the two halves of one normalised
   sequence; the processor concatenates them back, projects once, and rotates only the video part.
 
-The prompt padding mask (``[B, 1, 1, N]`` boolean) is passed to the method as ``attn_mask``. The token refiner
+The prompt padding mask (``[B, 1, 1, N]`` boolean) is passed to the method as ``attn_mask`` (so dense stays
+exactly stock) and converted once per mask object into ``TokenLayout.text_lengths`` (valid text tokens per batch
+row; ``None`` when the mask is not pure trailing padding), which methods read instead of the mask. The token refiner
 in front of the blocks runs ``AttnProcessor2_0`` on text tokens alone; the family marks it text-only so the
 UNet adapter keeps it grid-less (dense).
 
@@ -17,6 +19,7 @@ Kong et al., "HunyuanVideo: A Systematic Framework For Large Video Generative Mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    TensorMemo,
     merge_heads,
     patchified_video_grid,
     register_adapter,
@@ -36,6 +40,17 @@ from diffaccel.pipelines.adapters.base import (
     register_processor_inference,
     resolve_grid,
 )
+from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
+
+
+@dataclass(frozen=True)
+class HunyuanVideoCarry:
+    """What :meth:`HunyuanVideoAttentionAdapter.finish` needs: the text tokens at the end of the joint output
+    (``num_text``; ``has_text`` False for calls without text) and the projections' dtype."""
+
+    num_text: int
+    has_text: bool
+    dtype: torch.dtype
 
 
 def _rotate_video_part(x: torch.Tensor, rotary: Any, num_text: int) -> torch.Tensor:
@@ -51,6 +66,18 @@ class HunyuanVideoAttentionAdapter(Adapter):
 
     family = "hunyuan_video"
     stock_processors = ("HunyuanVideoAttnProcessor2_0",)
+
+    def __init__(self) -> None:
+        self._lengths = TensorMemo()  # text_lengths per mask object: one host read per new mask
+
+    def text_lengths(
+        self, attn_mask: torch.Tensor | None, batch: int, num_visual: int, num_text: int
+    ) -> tuple[int, ...] | None:
+        """``TokenLayout.text_lengths`` of a joint call's prompt mask (memoized on the mask object); ``None`` for
+        no mask, or a mask that is not one row of trailing padding per batch row."""
+        if attn_mask is None or num_text == 0 or attn_mask.shape[0] != batch:
+            return None
+        return self._lengths.get(attn_mask, lambda m: trailing_padding_lengths(m, num_visual, num_text))
 
     def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
         hidden_states = call.hidden_states
@@ -93,18 +120,19 @@ class HunyuanVideoAttentionAdapter(Adapter):
             num_tokens=num_tokens,
             grid=resolve_grid(ctx, num_video, video=True),
             text=slice(num_video, num_tokens) if text is not None else None,
+            text_lengths=self.text_lengths(call.attention_mask, query.shape[0], num_video, num_text),
         )
         return Projected(
             query, key, value, layout, attn_mask=call.attention_mask,
-            carry={"num_text": num_text, "has_text": text is not None, "dtype": query.dtype},
+            carry=HunyuanVideoCarry(num_text=num_text, has_text=text is not None, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
-        if not carry["has_text"]:
+        carry: HunyuanVideoCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
+        if not carry.has_text:
             return hidden_states, None
-        num_text = carry["num_text"]
+        num_text = carry.num_text
         hidden_states, text = hidden_states[:, :-num_text], hidden_states[:, -num_text:]
         if getattr(attn, "to_out", None) is not None:
             hidden_states = attn.to_out[0](hidden_states)

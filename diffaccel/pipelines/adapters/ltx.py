@@ -81,10 +81,10 @@ class LTXVideoAttentionAdapter(Adapter):
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
         else:
             layout = TokenLayout(num_tokens=num_tokens, grid=_self_attention_grid(ctx, num_tokens))
-        return Projected(query, key, value, layout, attn_mask=attention_mask, carry={"dtype": query.dtype})
+        return Projected(query, key, value, layout, attn_mask=attention_mask, carry=query.dtype)  # finish needs only the projections' dtype
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        hidden_states = merge_heads(out).to(projected.carry["dtype"])
+        hidden_states = merge_heads(out).to(projected.carry)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
