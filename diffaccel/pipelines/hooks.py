@@ -182,6 +182,8 @@ def _context_hook(model: torch.nn.Module, ctx: RunContext) -> Callable:
         grid, text_len = family.read_inputs(module, bound)
         # the timestep is read (a host sync) only when the scheduler does not count the steps itself
         ctx.begin_denoiser_call(grid, text_len, bound.get("timestep"))
+        if family.begin_forward is not None:
+            family.begin_forward(module, bound, ctx)
 
     return hook
 

@@ -79,6 +79,10 @@ class ModelFamily:
     """Qualified names of submodules whose attention sees text tokens only (no grid: kept dense)."""
     hierarchical: bool = False
     """The denoiser runs attention at several resolutions (a UNet): layouts say so (``TokenLayout.hierarchical``)."""
+    begin_forward: Callable[[torch.nn.Module, dict[str, Any], RunContext], None] | None = None
+    """Called by the run hook at every denoiser forward with the bound arguments, for state the family's adapters
+    need that only the forward inputs tell (HunyuanVideo's prompt lengths); the family's module keeps it, keyed by
+    the run context, so the shared :class:`RunContext` carries no family bookkeeping."""
 
 
 _ADAPTERS: dict[str, Adapter] = {}

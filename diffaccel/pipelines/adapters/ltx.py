@@ -31,6 +31,7 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    TensorMemo,
     merge_heads,
     register_adapter,
     register_family,
@@ -105,6 +106,11 @@ def grid_from_video_coords(video_coords: torch.Tensor) -> Grid | None:
     return grid if torch.equal(expected, first) else None
 
 
+_GRIDS = TensorMemo()
+"""``grid_from_video_coords`` per ``video_coords`` object: LTXConditionPipeline builds the coordinates once per run,
+so only the first denoiser call reads them (``torch.unique``/``torch.equal`` synchronise with the device)."""
+
+
 def _read_ltx_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid | None, None]:
     num_tokens = int(args["hidden_states"].shape[1])
     sizes = tuple(args.get(name) for name in ("num_frames", "height", "width"))
@@ -119,7 +125,7 @@ def _read_ltx_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid
         return grid, None
     video_coords = args.get("video_coords")
     if video_coords is not None:
-        return grid_from_video_coords(video_coords), None
+        return _GRIDS.get(video_coords, grid_from_video_coords), None
     return None, None
 
 
