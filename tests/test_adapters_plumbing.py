@@ -68,6 +68,13 @@ def test_unet_level_without_the_hook():
         warnings.simplefilter("ignore", DiffAccelWarning)  # the layer-name warning of bare installs
         run(model, inputs)
     assert {(lay.grid, lay.downsample) for lay in method.self_layouts()} == {((8, 8), 1), ((4, 4), 2)}
+    for size in ((12, 12), (4, 4)):  # the next forwards, larger then smaller: each is its own latent grid
+        method.calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DiffAccelWarning)
+            run(model, unet_inputs(*size))
+        half = (size[0] // 2, size[1] // 2)
+        assert {(lay.grid, lay.downsample) for lay in method.self_layouts()} == {(size, 1), (half, 2)}, size
 
 
 def test_dit_layouts_keep_the_defaults():
@@ -228,7 +235,7 @@ def _steps_of_run(pipe, name: str, steps: int, **overrides) -> list[tuple[int, i
         pipe("a house", generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
     finally:
         diffaccel.remove(pipe)
-    per_forward, last = [], None
+    per_forward = []
     for layer, _, step, num_steps in method.calls:  # one entry per forward: the first layer's calls
         if layer == method.calls[0][0]:
             per_forward.append((step, num_steps))
@@ -265,6 +272,35 @@ def test_steps_without_step_index_are_counted_by_timestep():
     pipe.set_progress_bar_config(disable=True)
     steps = [s for s, _ in _steps_of_run(pipe, "tiny-sd", 3)]
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == len(set(steps)) - 1 >= 2
+
+
+def test_step_counted_from_timestep_values():
+    """Without a scheduler step: equal timesteps share a step (unbatched CFG), lower ones advance, higher restart."""
+    ctx = RunContext()
+    steps = []
+    for t in (900.0, torch.tensor([900.0, 900.0]), 800.0, 800.0, torch.tensor([[0.0, 700.0]]), 1000.0, 950.0):
+        ctx.begin_denoiser_call(None, None, t)
+        steps.append(ctx.step)
+    assert steps == [0, 0, 1, 1, 2, 0, 1]  # per-token timesteps: the noise level is the max
+    assert ctx.timestep == 950.0 and ctx.denoiser_calls == 7
+
+
+def test_step_from_step_fn_reads_no_timestep():
+    ctx = RunContext(step_fn=lambda: 4, num_steps_fn=lambda: 9)
+    t = torch.tensor([500.0])
+    ctx.begin_denoiser_call((2, 2), None, t)
+    assert ctx.step == 4 and ctx.num_steps == 9 and ctx.timestep is t
+
+
+def test_scheduler_step_from_step_index():
+    from types import SimpleNamespace
+
+    from diffaccel.pipelines.hooks import scheduler_step
+
+    assert scheduler_step(SimpleNamespace(step_index=None, begin_index=None, order=1)) == 0
+    assert scheduler_step(SimpleNamespace(step_index=3, begin_index=None, order=1)) == 3
+    assert scheduler_step(SimpleNamespace(step_index=5, begin_index=2, order=1)) == 3  # img2img starts at begin_index
+    assert [scheduler_step(SimpleNamespace(step_index=i, begin_index=0, order=2)) for i in range(5)] == [0, 1, 1, 2, 2]
 
 
 # ----------------------------------------------------------------------------------------------- generic hooks
@@ -310,6 +346,7 @@ def test_model_setup_runs_on_apply_and_leftovers_warn(monkeypatch):
     reset_warnings()
     with pytest.warns(DiffAccelWarning, match="still holds the test's change"):
         diffaccel.apply(model, "dense")
+    reset_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiffAccelWarning)
         diffaccel.apply(model, Setup())  # the method that made the change is not warned

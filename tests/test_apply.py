@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import Attention
-from image_models import max_abs_diff, run, sd3_inputs, tiny_sd3, tiny_unet, unet_inputs
+from image_models import run, sd3_inputs, tiny_sd3, tiny_unet, unet_inputs
 
 import diffaccel
 from diffaccel.errors import ConfigError, UnknownMethodError, UnsupportedModelError

@@ -11,7 +11,6 @@ attention says False). Methods read both instead of guessing the level from toke
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +54,11 @@ class UNetAttentionAdapter(Adapter):
     stock_processors = ("AttnProcessor2_0", "AttnProcessor")
 
     def __init__(self) -> None:
-        # Without the diffaccel.apply hook there is no latent grid: the largest self-attention grid seen per run
-        # context stands for it (a UNet's first attention runs at the highest resolution), so lower levels still
-        # get their downsampling factor.
-        self._largest: weakref.WeakKeyDictionary[RunContext, Grid] = weakref.WeakKeyDictionary()
+        # Without the diffaccel.apply hook there is no latent grid: the largest self-attention grid of the current
+        # forward stands for it (a UNet's first attention runs at the highest resolution), so lower levels still get
+        # their factor. Per run context: (layer of the forward's first call, largest grid); that layer seen again
+        # means a new forward, whose resolution may differ.
+        self._largest: weakref.WeakKeyDictionary[RunContext, tuple[str | None, Grid]] = weakref.WeakKeyDictionary()
 
     def _level(self, ctx: RunContext, num_tokens: int, shape4d: tuple[int, ...] | None) -> tuple[Grid, int]:
         """The grid of a self-attention call and its factor versus the latent grid (``TokenLayout.downsample``)."""
@@ -74,9 +74,10 @@ class UNetAttentionAdapter(Adapter):
             return resolve_level(ctx, num_tokens, allow_downsample=True)
         else:
             grid = resolve_level(ctx, num_tokens)[0]
-        largest = self._largest.get(ctx)
-        if largest is None or math.prod(largest) < num_tokens:
-            self._largest[ctx] = largest = grid
+        first, largest = self._largest.get(ctx, (None, None))
+        if largest is None or ctx.layer == first:  # the first call of a (new) forward: its highest resolution
+            first, largest = ctx.layer, grid
+            self._largest[ctx] = (first, largest)
         level = downsampled_level(largest, num_tokens)
         return (grid, level[1]) if level is not None and level[0] == grid else (grid, 1)
 
