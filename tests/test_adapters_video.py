@@ -292,6 +292,7 @@ def test_hunyuan_video_layouts(case):
         mask = records[name].attn_mask
         assert mask is not None and mask.shape == (BATCH, 1, 1, NUM_VIDEO + TEXT)
         assert mask[0].all() and not mask[1, ..., NUM_VIDEO + 4 :].any()  # the padded prompt tokens are masked
+        assert records[name].layout.text_lengths == (TEXT, 4)  # the same padding, as host ints for methods
     refiner = records["context_embedder.token_refiner.refiner_blocks.0.attn"]
     assert refiner.layout.grid is None and refiner.layout.text == slice(0, TEXT)
     assert refiner.layout.num_tokens == TEXT and refiner.attn_mask is not None
