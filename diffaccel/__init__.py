@@ -20,7 +20,7 @@ from diffaccel.layout import TokenLayout
 from diffaccel.methods.base import AttentionMethod, MethodConfig, get_method, list_methods, method_parameters
 from diffaccel.pipelines.hooks import apply, remove
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
-from diffaccel.pipelines.guidance import apply_softpag, disable_softpag, enable_softpag
+from diffaccel.pipelines.guidance import disable_softpag, enable_softpag
 from diffaccel.pipelines.named_processors import (
     AgentAttnProcessor,
     ClearAttnProcessor,
@@ -51,7 +51,6 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "apply",
-    "apply_softpag",
     "disable_softpag",
     "enable_softpag",
     "get_method",

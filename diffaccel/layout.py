@@ -122,18 +122,25 @@ def _coords(grid: Grid) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
 
 
-def downsampled_grid(base: Grid, num_tokens: int) -> Grid | None:
-    """The grid a UNet level holds: ``base`` halved (rounding up, as stride-2 convs do) until it has ``num_tokens``.
+def downsampled_level(base: Grid, num_tokens: int) -> tuple[Grid, int] | None:
+    """The grid a UNet level holds and its factor: ``base`` halved (rounding up, as stride-2 convs do) ``k`` times
+    until it has ``num_tokens``; returns ``(grid, 2**k)``.
 
     Returns ``None`` when no level matches, so the caller can raise with its own context.
     """
-    grid = tuple(base)
+    grid, factor = tuple(base), 1
     while True:
         if math.prod(grid) == num_tokens:
-            return grid
+            return grid, factor
         if math.prod(grid) < num_tokens or all(s == 1 for s in grid):
             return None
-        grid = tuple(math.ceil(s / 2) for s in grid)
+        grid, factor = tuple(math.ceil(s / 2) for s in grid), factor * 2
+
+
+def downsampled_grid(base: Grid, num_tokens: int) -> Grid | None:
+    """The grid of :func:`downsampled_level` without its factor (``None`` when no level matches)."""
+    level = downsampled_level(base, num_tokens)
+    return None if level is None else level[0]
 
 
 def square_grid(num_visual: int) -> Grid:

@@ -22,7 +22,7 @@ from image_models import (
 import diffaccel
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
-from diffaccel.layout import TokenLayout, downsampled_grid, square_grid
+from diffaccel.layout import TokenLayout, downsampled_grid, downsampled_level, square_grid
 from diffaccel.methods.base import MethodBase, sdpa
 from diffaccel.pipelines.hooks import attention_modules
 from diffaccel.pipelines.processor import layer_name
@@ -98,6 +98,26 @@ def test_downsampled_and_square_grids() -> None:
     assert square_grid(16) == (4, 4)
     with pytest.raises(LayoutError, match=r"diffaccel\.apply"):
         square_grid(24)
+
+
+def test_downsampled_level_factor_is_two_to_the_halvings() -> None:
+    """``TokenLayout.downsample`` of a UNet level: 2**k after k halvings, whatever the rounding of odd sizes."""
+    assert downsampled_level((8, 12), 96) == ((8, 12), 1)
+    assert downsampled_level((8, 12), 24) == ((4, 6), 2)
+    assert downsampled_level((8, 12), 6) == ((2, 3), 4)
+    assert downsampled_level((13, 13), 16) == ((4, 4), 4)  # 13 -> 7 -> 4: factor 4 (round() would say 3)
+    assert downsampled_level((9, 13), 12) == ((3, 4), 4)
+    assert downsampled_level((8, 12), 20) is None
+
+
+def test_layout_fields_are_validated() -> None:
+    layout = TokenLayout(10, (2, 3), text=slice(6, 10), text_lengths=[4, 2], downsample=2, hierarchical=True)
+    assert layout.text_lengths == (4, 2) and layout.downsample == 2 and layout.hierarchical
+    with pytest.raises(LayoutError, match="text_lengths"):
+        TokenLayout(10, (2, 3), text=slice(6, 10), text_lengths=(5,))
+    for bad in (0, 1.5, True):
+        with pytest.raises(LayoutError, match="downsample"):
+            TokenLayout(6, (2, 3), downsample=bad)
 
 
 # ----------------------------------------------------------------------------------- layouts from the adapters

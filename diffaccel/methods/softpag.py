@@ -16,9 +16,10 @@ image→image block of the joint map is replaced by the identity, so an image qu
 every text token, and text queries are unchanged. Its output row for image query ``i`` is the softmax over
 ``{q_i·k_i} ∪ {q_i·k_t}`` applied to ``{v_i} ∪ {v_t}``: ``O(N_image · N_text)`` work.
 
-Which batch rows are the perturbed branch is written in ``ctx.perturbed_rows`` by the guidance wrapper
+Which batch rows are the perturbed branch is written in the method's ``perturbed_rows`` by the guidance wrapper
 (:mod:`diffaccel.pipelines.guidance`), which also triples the batch and combines the predictions; without it
-this method only runs its inner method. The unperturbed rows, the unselected heads and layers, and the
+this method only runs its inner method. The class says ``wraps_denoiser = True``: :func:`diffaccel.apply` hands
+it to the installer the guidance module registers, instead of installing processors only. The unperturbed rows, the unselected heads and layers, and the
 attention itself all come from the inner method, so SoftPAG composes with every sparse method.
 """
 
@@ -146,7 +147,7 @@ def load_heads(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def layer_matches(key: str, module_name: str) -> bool:
+def layer_or_parent_matches(key: str, module_name: str) -> bool:
     """``key`` names ``module_name`` exactly or is one of its parent modules (whole dotted components only).
 
     ``transformer_blocks.1`` selects ``transformer_blocks.1.attn`` but never ``transformer_blocks.10.attn``
@@ -166,6 +167,8 @@ class SoftPAGMethod:
 
     name: ClassVar[str] = "softpag"
     config_class: ClassVar[type[MethodConfig]] = SoftPAGConfig
+    wraps_denoiser: ClassVar[bool] = True
+    """Guidance: the pipeline layer must also wrap the denoiser call (batch expansion, prediction combination)."""
 
     def __init__(self, config: SoftPAGConfig | None = None, *, inner: AttentionMethod | None = None, **overrides: Any):
         if config is None:
@@ -178,6 +181,8 @@ class SoftPAGMethod:
         if inner is None:
             inner = get_method(config.method or "dense", **config.method_config)
         self.inner = inner
+        self.perturbed_rows: slice | None = None
+        """Batch rows of the perturbed guidance branch in the current denoiser call (set by the guidance hooks)."""
         self.set_heads(config.selection())
 
     def set_heads(self, selection: dict[str, tuple[int, ...] | None]) -> None:
@@ -197,7 +202,7 @@ class SoftPAGMethod:
         if layer not in self._per_layer:
             chosen: set[int] | None = None
             for key, heads in self._selection.items():
-                if layer_matches(key, layer):
+                if layer_or_parent_matches(key, layer):
                     chosen = (chosen or set()) | set(range(num_heads) if heads is None else heads)
             self._per_layer[layer] = False if chosen is None else tuple(sorted(chosen))
         heads = self._per_layer[layer]
@@ -219,7 +224,7 @@ class SoftPAGMethod:
         scale: float | None = None,
     ) -> torch.Tensor:
         out = self.inner(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
-        rows = ctx.perturbed_rows
+        rows = self.perturbed_rows
         strength = float(self.config.strength)
         if rows is None or strength == 0.0 or layout.is_cross:
             return out
@@ -257,6 +262,9 @@ def soft_identity(
 
     ``target`` is ``V`` (``identity="full"``) or the image→image-identity attention output (``"image"``, equal
     to ``V`` when the call has no text tokens; text rows keep ``out``).
+
+    ``out`` is written in place and returned: it is the inner method's fresh output, so no copy of the whole
+    tensor is needed (review 2026-12, finding 3). Pass a copy to keep the original.
     """
     idx = heads if isinstance(heads, torch.Tensor) else torch.tensor(heads, device=out.device)
     part = out[rows].index_select(1, idx)
@@ -269,7 +277,6 @@ def soft_identity(
         ).to(out.dtype)
     else:
         target = values.to(out.dtype)
-    out = out.clone()
     out[rows.start : rows.stop, idx] = torch.lerp(part, target, strength)
     return out
 

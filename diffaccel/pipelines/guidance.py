@@ -9,8 +9,8 @@ and without it (FLUX guidance-distilled models, SD3 with ``guidance_scale <= 1``
 perturbed]`` and the prediction ``cond + s_t·(cond - perturbed)``. ``t`` is the scheduler timestep (0..1000).
 
 The stock pipeline is not modified: a forward pre-hook on the denoiser appends the perturbed rows (copies of
-the cond rows) to every batched input and writes their position to ``RunContext.perturbed_rows``, where
-:class:`~diffaccel.methods.softpag.SoftPAGMethod` finds them; a forward hook then hands the pipeline the batch it
+the cond rows) to every batched input and writes their position to the
+:class:`~diffaccel.methods.softpag.SoftPAGMethod`'s ``perturbed_rows``, where its attention calls find them; a forward hook then hands the pipeline the batch it
 expects, ``[uncond, cond']`` or ``cond'``, with ``cond' = cond + (s_t / cfg)·(cond - perturbed)`` under CFG so
 that the pipeline's own ``uncond + cfg·(cond' - uncond)`` is the formula above.
 
@@ -18,6 +18,10 @@ Supported: pipelines that batch CFG (SD 1.x, SDXL, SD3 / SD3.5 and others exposi
 ``do_classifier_free_guidance``) or run without it (FLUX with ``true_cfg_scale <= 1``). Pipelines that call the
 denoiser separately for the negative prompt (Wan, FLUX ``true_cfg_scale > 1``) are not supported: the pipeline
 combines those calls without telling the hook which one is which.
+
+Nothing here reads a tensor's value on the host: the adaptive weight ``s_t`` is computed on the timestep's device.
+This module registers :func:`enable_softpag` as SoftPAG's denoiser wrapper, so ``diffaccel.apply(pipe, "softpag")``
+reaches it through :mod:`diffaccel.pipelines.model_setup` (imports run guidance -> hooks, never back).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError, UnsupportedModelError
 from diffaccel.methods.base import build_config
-from diffaccel.methods.softpag import SoftPAGConfig, SoftPAGMethod, layer_matches
+from diffaccel.methods.softpag import SoftPAGConfig, SoftPAGMethod, layer_or_parent_matches
 from diffaccel.pipelines import hooks
+from diffaccel.pipelines.model_setup import register_denoiser_wrapper
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
 from diffaccel.warn import warn_once
 
@@ -48,26 +53,36 @@ GUIDANCE_ATTRIBUTE = "_diffaccel_softpag"
 """Where a denoiser keeps its :class:`GuidanceHooks` (in ``module.__dict__``, like diffaccel's other records)."""
 
 
-def guidance_weight(scale: float, adaptive_scale: float, timestep: float | None) -> float:
-    """``s_t = max(0, scale - adaptive_scale·(1000 - t))`` (diffusers ``PAGMixin._get_pag_scale``)."""
+def guidance_weight(
+    scale: float, adaptive_scale: float, timestep: float | torch.Tensor | None
+) -> float | torch.Tensor:
+    """``s_t = max(0, scale - adaptive_scale·(1000 - t))`` (diffusers ``PAGMixin._get_pag_scale``).
+
+    A tensor ``timestep`` (0-d, on the denoiser's device) gives a 0-d tensor weight, computed without reading it.
+    """
     if adaptive_scale > 0 and scale > 0:
         if timestep is None:
             raise ConfigError("adaptive_scale > 0 needs the timestep of the denoiser call, which was not passed")
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.float() if timestep.device.type == "mps" else timestep.double()  # MPS has no float64
+            return (scale - adaptive_scale * (1000.0 - t)).clamp(min=0.0)
         return max(0.0, scale - adaptive_scale * (1000.0 - timestep))
     return scale
 
 
-def combine_predictions(pred: torch.Tensor, *, cfg_scale: float | None, weight: float) -> torch.Tensor:
+def combine_predictions(pred: torch.Tensor, *, cfg_scale: float | None, weight: float | torch.Tensor) -> torch.Tensor:
     """From the expanded prediction, the batch the pipeline expects.
 
     Args:
         pred: ``[uncond, cond, perturbed]`` (``cfg_scale`` given) or ``[cond, perturbed]``, equal chunks.
         cfg_scale: the pipeline's CFG scale, or ``None`` without CFG.
-        weight: ``s_t``.
+        weight: ``s_t`` (a float, or a 0-d tensor from :func:`guidance_weight`).
 
     Returns:
         ``[uncond, cond + (s_t / cfg)·(cond - perturbed)]`` with CFG, ``cond + s_t·(cond - perturbed)`` without.
     """
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(device=pred.device, dtype=pred.dtype)
     if cfg_scale is None:
         cond, perturbed = pred.chunk(2)
         return cond + weight * (cond - perturbed)
@@ -117,7 +132,7 @@ class GuidanceHooks:
         """Remove both hooks and forget this guidance on the model (what ``diffaccel.remove`` calls)."""
         for handle in self._handles:
             handle.remove()
-        self.ctx.perturbed_rows = None
+        self.method.perturbed_rows = None
         if self.model.__dict__.get(GUIDANCE_ATTRIBUTE) is self:
             del self.model.__dict__[GUIDANCE_ATTRIBUTE]
 
@@ -175,20 +190,20 @@ class GuidanceHooks:
         cfg = self._cfg(batch)
         cond_start = batch // 2 if cfg is not None else 0
         timestep = bound.get("timestep")
-        if isinstance(timestep, torch.Tensor):
-            timestep = float(timestep.reshape(-1)[0]) if timestep.numel() else None
+        if isinstance(timestep, torch.Tensor):  # kept on its device: s_t is computed there (no host read)
+            timestep = timestep.reshape(-1)[0] if timestep.numel() else None
         self._call = {
             "cfg": cfg,
-            "timestep": None if timestep is None else float(timestep) * self.timestep_scale,
+            "timestep": None if timestep is None else timestep * self.timestep_scale,
         }
-        self.ctx.perturbed_rows = slice(batch, batch + batch - cond_start)
+        self.method.perturbed_rows = slice(batch, batch + batch - cond_start)
         args = tuple(expand_batch(a, batch, cond_start) for a in args)
         kwargs = {k: expand_batch(v, batch, cond_start, k) for k, v in kwargs.items()}
         return args, kwargs
 
     def after(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         call, self._call = self._call, None
-        self.ctx.perturbed_rows = None
+        self.method.perturbed_rows = None
         if call is None:
             return output
         config = self.method.config
@@ -295,7 +310,7 @@ def enable_softpag(
     return processor
 
 
-apply_softpag = enable_softpag
+register_denoiser_wrapper(SoftPAGMethod, enable_softpag)  # diffaccel.apply(pipe, "softpag", ...) lands here
 
 
 def disable_softpag(pipe_or_model: Any) -> None:
@@ -361,7 +376,7 @@ def resolve_selection(
             if key in every and getattr(every[key], "is_cross_attention", False):
                 raise ConfigError(f"softpag: {key!r} is a cross-attention module; PAG perturbs self-attention only")
             for name, module in perturbable_modules(model).items():
-                if not layer_matches(key, name):
+                if not layer_or_parent_matches(key, name):
                     continue
                 found = True
                 num_heads = int(module.heads)

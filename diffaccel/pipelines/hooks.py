@@ -9,12 +9,13 @@ import torch
 
 from diffaccel.context import RunContext
 from diffaccel.errors import UnsupportedModelError
-from diffaccel.methods.base import AttentionMethod
-from diffaccel.warn import warn_once
+from diffaccel.methods.base import AttentionMethod, method_class
+from diffaccel.pipelines import model_setup
 from diffaccel.pipelines.adapters.base import (
     adapter_for,
     bind_forward_args,
     family_of,
+    mark_hierarchical,
     mark_text_only,
     stock_processor_name,
 )
@@ -71,12 +72,9 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     Returns:
         The processor installed on every attention module.
     """
-    from diffaccel.methods.softpag import SoftPAGMethod
-
-    if (isinstance(method, str) and method == "softpag") or isinstance(method, SoftPAGMethod):
-        from diffaccel.pipelines.guidance import apply_softpag  # guidance wraps the denoiser call too
-
-        return apply_softpag(pipe_or_model, None if isinstance(method, str) else method, **config)
+    wrapper = _denoiser_wrapper(method)
+    if wrapper is not None:  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
+        return wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
     models = denoisers_of(pipe_or_model)
     for model in models:
         family_of(model)  # unsupported families fail before anything changes
@@ -91,9 +89,11 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     scheduler = getattr(pipe_or_model, "scheduler", None)
     if scheduler is not None:
         ctx.num_steps_fn = lambda: _scheduler_steps(scheduler)
+        ctx.step_fn = (lambda: scheduler_step(scheduler)) if _counts_steps(scheduler) else None
     for model in models:
-        _warn_if_clear_weights_linger(model, processor)
-        for prefix in family_of(model).text_only_modules:
+        model_setup.warn_lingering(processor.method, model)
+        family = family_of(model)
+        for prefix in family.text_only_modules:
             mark_text_only(model.get_submodule(prefix))
         modules = attention_modules(model)
         stock = {}
@@ -105,11 +105,10 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
             module.__dict__["_diffaccel_stock_processor"] = current
             module.__dict__["_diffaccel_name"] = name
             module.__dict__.pop("_diffaccel_adapter", None)
+            mark_hierarchical(module, family.hierarchical)
         for module in modules.values():
             adapter_for(module)  # every module must be supported before any processor is swapped
-        setup = getattr(processor.method, "setup_model", None)
-        if setup is not None:  # methods that install weights on the model (CLEAR's distilled projections)
-            setup(model)
+        model_setup.setup_model(processor.method, model)  # e.g. CLEAR's distilled projections
         for module in modules.values():
             module.set_processor(processor)
         hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
@@ -154,19 +153,20 @@ def _recover_stock_processor(module: torch.nn.Module) -> Any:
     return cls()
 
 
-def _warn_if_clear_weights_linger(model: torch.nn.Module, processor: DiffAccelAttnProcessor) -> None:
-    """CLEAR's distilled projections replace the model's own weights in place and stay after remove()."""
-    from diffaccel.pipelines.clear_weights import installed_clear_weights
-
-    if getattr(processor.method, "name", None) == "clear":
-        return
-    if installed_clear_weights(model) is not None:
-        warn_once(
-            "clear-weights-linger",
-            f"{type(model).__name__} still holds CLEAR's distilled attention projections (load_clear_weights "
-            f"changed them in place); method {processor.method.name!r} runs on those weights. Reload the model "
-            "for its original weights.",
+def _denoiser_wrapper(method: Any) -> Callable[..., Any] | None:
+    """The installer of a method that wraps the denoiser call (class attribute ``wraps_denoiser``), else ``None``."""
+    if isinstance(method, DiffAccelAttnProcessor):
+        return None
+    cls = method_class(method) if isinstance(method, str) else type(method)
+    if not getattr(cls, "wraps_denoiser", False):
+        return None
+    install = model_setup.denoiser_wrapper_for(cls)
+    if install is None:
+        raise UnsupportedModelError(
+            f"method {getattr(cls, 'name', cls.__name__)!r} wraps the denoiser call but no installer is registered "
+            "for it (diffaccel.pipelines.model_setup.register_denoiser_wrapper)"
         )
+    return install
 
 
 def installed_processor(model: torch.nn.Module) -> DiffAccelAttnProcessor | None:
@@ -180,18 +180,32 @@ def _context_hook(model: torch.nn.Module, ctx: RunContext) -> Callable:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         bound = bind_forward_args(module, args, kwargs)
         grid, text_len = family.read_inputs(module, bound)
-        ctx.begin_denoiser_call(grid, text_len, _timestep_value(bound.get("timestep")))
+        # the timestep is read (a host sync) only when the scheduler does not count the steps itself
+        ctx.begin_denoiser_call(grid, text_len, bound.get("timestep"))
+        if family.begin_forward is not None:
+            family.begin_forward(module, bound, ctx)
 
     return hook
 
 
-def _timestep_value(timestep: Any) -> float | None:
-    if timestep is None:
-        return None
-    if isinstance(timestep, torch.Tensor):
-        # per-token timesteps (Wan 2.2 TI2V, LTX conditioning) are 0 on clean frames: the noise level is the max
-        return float(timestep.max()) if timestep.numel() else None
-    return float(timestep)
+def _counts_steps(scheduler: Any) -> bool:
+    """True when the scheduler exposes ``step_index`` (Euler, Heun, KDPM2, flow-matching, UniPC, DPM-Solver...)."""
+    return isinstance(getattr(type(scheduler), "step_index", None), property)
+
+
+def scheduler_step(scheduler: Any) -> int:
+    """The denoising step the scheduler is at, from its ``step_index`` (host ints only: no device read).
+
+    ``step_index`` counts ``scheduler.step`` calls since ``set_timesteps`` (``None`` before the first). It starts at
+    ``begin_index`` in img2img runs, and second-order schedulers (Heun, KDPM2: ``order`` 2) call ``step`` twice per
+    step after the first, so the step is ``ceil((step_index - begin_index) / order)``.
+    """
+    index = scheduler.step_index
+    if index is None:
+        return 0
+    begin = getattr(scheduler, "begin_index", None) or 0
+    order = int(getattr(scheduler, "order", 1) or 1)
+    return -(-(int(index) - int(begin)) // order)
 
 
 def _scheduler_steps(scheduler: Any) -> int | None:

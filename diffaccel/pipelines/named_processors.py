@@ -9,11 +9,13 @@ Each takes the method's configuration fields as keywords (see ``diffaccel method
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
 
 from diffaccel.context import RunContext
+from diffaccel.pipelines.model_setup import model_setup_for
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
 
 
@@ -59,10 +61,15 @@ class ClearAttnProcessor(_NamedProcessor):
 
     Installed with a bare ``set_attn_processor`` after
     :func:`~diffaccel.pipelines.clear_weights.load_clear_weights`, it sees the distilled projections on the attention
-    modules it runs and checks their radius.
+    modules it runs and checks their radius: once per module (the method's registered
+    :class:`~diffaccel.pipelines.model_setup.ModelSetup` ``note_module``), not on every call.
     """
 
     method_name = "clear"
+
+    def __init__(self, *, context: RunContext | None = None, **config: Any) -> None:
+        super().__init__(context=context, **config)
+        self._noted: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
     # diffusers passes a processor only the keywords its __call__ names, so this keeps the base signature.
     def __call__(
@@ -76,11 +83,11 @@ class ClearAttnProcessor(_NamedProcessor):
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        from diffaccel.pipelines.clear_weights import installed_clear_weights
-
-        info = installed_clear_weights(attn)
-        if info is not None:
-            self.method.note_distilled(info.radius)  # type: ignore[attr-defined]
+        if attn not in self._noted:
+            entry = model_setup_for(self.method)
+            if entry is not None and entry.note_module is not None:
+                entry.note_module(self.method, attn)
+            self._noted.add(attn)
         return super().__call__(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb, **kwargs
         )

@@ -13,6 +13,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
+from diffaccel.warn import warn_once
 
 
 def resolve_method(method: AttentionMethod | str, config: dict[str, Any]) -> AttentionMethod:
@@ -81,9 +82,21 @@ class DiffAccelAttnProcessor:
 
 
 def layer_name(attn: torch.nn.Module) -> str:
-    """The qualified name :func:`diffaccel.apply` recorded, else a stable per-module name for this process."""
+    """The qualified name :func:`diffaccel.apply` recorded, else a stable per-module name for this process.
+
+    The fallback (a bare ``set_attn_processor``, which never learns the module's name) is built from the module's
+    ``id``, so it differs between processes; state derived from layer names (MSW-MSA shifts, agent seeds, layer
+    selections) then differs too, which a one-time warning says.
+    """
     name = attn.__dict__.get("_diffaccel_name")
     if name is None:
         name = f"{type(attn).__name__}@{id(attn):x}"
         attn.__dict__["_diffaccel_name"] = name
+        warn_once(
+            "layer-name-from-id",
+            f"diffaccel: attention module {type(attn).__name__} has no recorded name (the processor was installed with "
+            "set_attn_processor, not diffaccel.apply); it is called by its id, which differs between processes, so "
+            "per-layer state derived from names (MSW shifts, agent seeds, layers=/exclude_layers= selections) is "
+            "not reproducible across runs. Install with diffaccel.apply(pipe, method) for module names.",
+        )
     return name

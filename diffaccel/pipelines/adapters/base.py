@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -20,7 +21,7 @@ import torch
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError, UnsupportedModelError
-from diffaccel.layout import Grid, TokenLayout, downsampled_grid, square_grid
+from diffaccel.layout import Grid, TokenLayout, downsampled_level, square_grid
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Projected:
     layout: TokenLayout
     attn_mask: torch.Tensor | None = None
     scale: float | None = None
-    carry: dict[str, Any] = field(default_factory=dict)
+    carry: Any = None
+    """The adapter's own record of what :meth:`Adapter.finish` needs (a small dataclass per adapter)."""
 
 
 class Adapter:
@@ -75,6 +77,12 @@ class ModelFamily:
     description: str = ""
     text_only_modules: tuple[str, ...] = ()
     """Qualified names of submodules whose attention sees text tokens only (no grid: kept dense)."""
+    hierarchical: bool = False
+    """The denoiser runs attention at several resolutions (a UNet): layouts say so (``TokenLayout.hierarchical``)."""
+    begin_forward: Callable[[torch.nn.Module, dict[str, Any], RunContext], None] | None = None
+    """Called by the run hook at every denoiser forward with the bound arguments, for state the family's adapters
+    need that only the forward inputs tell (HunyuanVideo's prompt lengths); the family's module keeps it, keyed by
+    the run context, so the shared :class:`RunContext` carries no family bookkeeping."""
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -177,13 +185,20 @@ def resolve_grid(ctx: RunContext, num_visual: int, *, allow_downsample: bool = F
     grid halved (``allow_downsample``). Without a context a square image grid is inferred; video grids cannot
     be inferred and raise.
     """
+    return resolve_level(ctx, num_visual, allow_downsample=allow_downsample, video=video)[0]
+
+
+def resolve_level(
+    ctx: RunContext, num_visual: int, *, allow_downsample: bool = False, video: bool = False
+) -> tuple[Grid, int]:
+    """:func:`resolve_grid` and the level's factor versus the latent grid (1 unless a UNet level is downsampled)."""
     if ctx.grid is not None:
         if math.prod(ctx.grid) == num_visual:
-            return ctx.grid
+            return ctx.grid, 1
         if allow_downsample:
-            grid = downsampled_grid(ctx.grid, num_visual)
-            if grid is not None:
-                return grid
+            level = downsampled_level(ctx.grid, num_visual)
+            if level is not None:
+                return level
         raise LayoutError(
             f"the call has {num_visual} visual tokens but the latent grid {ctx.grid} holds {math.prod(ctx.grid)}"
         )
@@ -192,7 +207,7 @@ def resolve_grid(ctx: RunContext, num_visual: int, *, allow_downsample: bool = F
             "the video grid (frames, height, width) cannot be inferred from a token count; install the processor "
             "with diffaccel.apply(pipe, method), which reads it from the latent shape"
         )
-    return square_grid(num_visual)
+    return square_grid(num_visual), 1
 
 
 def patchified_video_grid(
@@ -230,6 +245,56 @@ def mark_text_only(module: torch.nn.Module) -> None:
 def is_text_only(attn: torch.nn.Module) -> bool:
     """True when :func:`mark_text_only` marked ``attn`` as attending over text tokens only."""
     return bool(attn.__dict__.get(_TEXT_ONLY, False))
+
+
+_HIERARCHICAL = "_diffaccel_hierarchical"
+
+
+def mark_hierarchical(attn: torch.nn.Module, hierarchical: bool) -> None:
+    """Record whether ``attn`` belongs to a multi-resolution denoiser (:attr:`ModelFamily.hierarchical`)."""
+    attn.__dict__[_HIERARCHICAL] = bool(hierarchical)
+
+
+def is_hierarchical(attn: torch.nn.Module, default: bool) -> bool:
+    """What :func:`mark_hierarchical` recorded for ``attn``; ``default`` when nothing was (a bare install)."""
+    return bool(attn.__dict__.get(_HIERARCHICAL, default))
+
+
+class TensorMemo:
+    """Values computed from a tensor's contents, remembered per tensor object so later calls read nothing.
+
+    Reading a tensor's values on the host (``.tolist()``, ``torch.unique``, ``bool(...)``) synchronises with the
+    device. Inputs that a pipeline builds once per run and passes to every denoiser call (FLUX's ``img_ids``,
+    HunyuanVideo's prompt mask, LTX's ``video_coords``) need that read only once: entries are keyed by the object
+    (a weak reference, so a freed tensor whose memory is reused never matches), its ``data_ptr``, shape and
+    in-place version counter. A few entries, because classifier-free guidance passes two objects per step.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[weakref.ref, tuple[Any, ...], Any]] = []
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> tuple[Any, ...]:
+        try:
+            version = tensor._version
+        except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference mode)
+            version = None
+        return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.device, version)
+
+    def get(self, tensor: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+        """``compute(tensor)``, computed at most once per tensor object and contents version."""
+        key = self._key(tensor)
+        for ref, entry_key, value in self._entries:
+            if ref() is tensor and entry_key == key:
+                return value
+        value = compute(tensor)
+        live = [e for e in self._entries if e[0]() is not None and e[0]() is not tensor]
+        self._entries = live[-(self.size - 1):] + [(weakref.ref(tensor), key, value)]
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -80,13 +80,13 @@ class CogVideoXAttentionAdapter(Adapter):
             grid=resolve_grid(ctx, num_tokens - num_text, video=True),
             text=slice(0, num_text),
         )
-        return Projected(query, key, value, layout, attn_mask=attention_mask, carry={"num_text": num_text})
+        return Projected(query, key, value, layout, attn_mask=attention_mask, carry=num_text)  # finish needs only the text length (text first)
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
         hidden_states = merge_heads(out)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        num_text = projected.carry["num_text"]
+        num_text: int = projected.carry
         text, hidden_states = hidden_states.split([num_text, hidden_states.size(1) - num_text], dim=1)
         return hidden_states, text
 

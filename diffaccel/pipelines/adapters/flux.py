@@ -10,6 +10,8 @@ Black Forest Labs, FLUX.1 (2024), https://github.com/black-forest-labs/flux.
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,15 +25,20 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    TensorMemo,
     merge_heads,
     register_adapter,
     register_family,
     resolve_grid,
 )
 
-JOINT_TEXT_LEN = "joint_text_len"
-"""RunContext attribute where double-stream calls record their text length for the single-stream calls after them
-(needed only without the :func:`diffaccel.apply` hook, which sets ``ctx.text_len``)."""
+@dataclass(frozen=True)
+class FluxCarry:
+    """What :meth:`FluxAttentionAdapter.finish` needs: the text length of a double-stream call (``None`` for a
+    single-stream one, which returns the joint sequence unsplit) and the dtype of the projections."""
+
+    num_text: int | None
+    dtype: torch.dtype
 
 
 @register_adapter
@@ -40,6 +47,11 @@ class FluxAttentionAdapter(Adapter):
 
     family = "flux"
     stock_processors = ("FluxAttnProcessor",)
+
+    def __init__(self) -> None:
+        # Text length of the last double-stream call per run context, for the single-stream calls after it; needed
+        # only without the diffaccel.apply hook (which sets ctx.text_len). FLUX bookkeeping, so it lives here.
+        self._joint_text_len: weakref.WeakKeyDictionary[RunContext, int] = weakref.WeakKeyDictionary()
 
     def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
         hidden_states = call.hidden_states
@@ -85,9 +97,9 @@ class FluxAttentionAdapter(Adapter):
         num_tokens = query.shape[1]
         if double_stream:
             num_text = encoder_hidden_states.shape[1]
-            setattr(ctx, JOINT_TEXT_LEN, num_text)
+            self._joint_text_len[ctx] = num_text
         else:
-            num_text = _single_stream_text_len(ctx, num_tokens)
+            num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
         layout = TokenLayout(
             num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens - num_text), text=slice(0, num_text)
         )
@@ -100,13 +112,13 @@ class FluxAttentionAdapter(Adapter):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         return Projected(
             query, key, value, layout, attn_mask=attn_mask,
-            carry={"num_text": num_text if double_stream else None, "dtype": query.dtype},
+            carry=FluxCarry(num_text=num_text if double_stream else None, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
-        num_text = carry["num_text"]
+        carry: FluxCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
+        num_text = carry.num_text
         if num_text is None:
             return hidden_states
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -118,9 +130,9 @@ class FluxAttentionAdapter(Adapter):
         return hidden_states, encoder_hidden_states
 
 
-def _single_stream_text_len(ctx: RunContext, num_tokens: int) -> int:
+def _single_stream_text_len(ctx: RunContext, num_tokens: int, joint_text_len: int | None) -> int:
     """Text tokens at the front of a single-stream call: from the hook, else from the last double-stream call."""
-    text_len = ctx.text_len if ctx.text_len is not None else getattr(ctx, JOINT_TEXT_LEN, None)
+    text_len = ctx.text_len if ctx.text_len is not None else joint_text_len
     if text_len is None:
         raise LayoutError(
             f"cannot tell how many of the {num_tokens} tokens of a FLUX single-stream attention call are text: no "
@@ -161,11 +173,17 @@ def flux_grid(img_ids: torch.Tensor, num_visual: int) -> tuple[int, int]:
     return rows, cols
 
 
+_GRIDS = TensorMemo()
+"""``flux_grid`` per ``img_ids`` object: the pipeline builds the ids once per run and passes them to every step, so
+only the first denoiser call of a run reads them (``torch.unique``/``torch.equal`` synchronise with the device)."""
+
+
 def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int], int | None]:
     img_ids = args.get("img_ids")
     if img_ids is None:
         raise LayoutError("the FLUX transformer was called without img_ids; they give the latent grid")
-    grid = flux_grid(img_ids, int(args["hidden_states"].shape[1]))
+    num_visual = int(args["hidden_states"].shape[1])
+    grid = _GRIDS.get(img_ids, lambda ids: flux_grid(ids, num_visual))
     encoder_hidden_states = args.get("encoder_hidden_states")
     text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
     return grid, text_len

@@ -7,7 +7,12 @@ Both block kinds attend over ``[video tokens, text tokens]``: text is a suffix o
 - Single-stream blocks (``pre_only``, no ``add_q_proj``): the block passes the two halves of one normalised
   sequence; the processor concatenates them back, projects once, and rotates only the video part.
 
-The prompt padding mask (``[B, 1, 1, N]`` boolean) is passed to the method as ``attn_mask``. The token refiner
+The prompt padding mask (``[B, 1, 1, N]`` boolean) is passed to the method as ``attn_mask`` (so dense stays
+exactly stock) and described by ``TokenLayout.text_lengths`` (valid text tokens per batch row), which methods
+read instead of the mask. The model rebuilds that mask at every forward as ``key < num_video + L_b`` with
+``L_b = encoder_attention_mask[b].sum()``, so under :func:`diffaccel.apply` the lengths come from the forward's
+``encoder_attention_mask`` (read once per mask object: the pipeline passes the same one at every step); without
+the hook, from the call's mask (read once per mask object; ``None`` when it is not pure trailing padding). The token refiner
 in front of the blocks runs ``AttnProcessor2_0`` on text tokens alone; the family marks it text-only so the
 UNet adapter keeps it grid-less (dense).
 
@@ -17,6 +22,8 @@ Kong et al., "HunyuanVideo: A Systematic Framework For Large Video Generative Mo
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    TensorMemo,
     merge_heads,
     patchified_video_grid,
     register_adapter,
@@ -36,6 +44,17 @@ from diffaccel.pipelines.adapters.base import (
     register_processor_inference,
     resolve_grid,
 )
+from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
+
+
+@dataclass(frozen=True)
+class HunyuanVideoCarry:
+    """What :meth:`HunyuanVideoAttentionAdapter.finish` needs: the text tokens at the end of the joint output
+    (``num_text``; ``has_text`` False for calls without text) and the projections' dtype."""
+
+    num_text: int
+    has_text: bool
+    dtype: torch.dtype
 
 
 def _rotate_video_part(x: torch.Tensor, rotary: Any, num_text: int) -> torch.Tensor:
@@ -51,6 +70,28 @@ class HunyuanVideoAttentionAdapter(Adapter):
 
     family = "hunyuan_video"
     stock_processors = ("HunyuanVideoAttnProcessor2_0",)
+
+    def __init__(self) -> None:
+        self._lengths = TensorMemo()  # text_lengths per mask object: one host read per new mask
+
+    def text_lengths(
+        self, ctx: RunContext, attn_mask: torch.Tensor | None, batch: int, num_visual: int, num_text: int
+    ) -> tuple[int, ...] | None:
+        """``TokenLayout.text_lengths`` of a joint call's prompt mask; ``None`` for no mask, or a mask that is not
+        one row of trailing padding per batch row.
+
+        From the forward's prompt lengths when the run hook recorded them (no read at all), else from the mask
+        (memoized on the mask object).
+        """
+        if attn_mask is None or num_text == 0 or attn_mask.shape[0] != batch:
+            return None
+        lengths = _FORWARD_LENGTHS.get(ctx)
+        if (
+            lengths is not None and len(lengths) == batch and attn_mask.dtype == torch.bool
+            and tuple(attn_mask.shape) == (batch, 1, 1, num_visual + num_text)
+        ):
+            return tuple(min(n, num_text) for n in lengths)
+        return self._lengths.get(attn_mask, lambda m: trailing_padding_lengths(m, num_visual, num_text))
 
     def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
         hidden_states = call.hidden_states
@@ -93,18 +134,19 @@ class HunyuanVideoAttentionAdapter(Adapter):
             num_tokens=num_tokens,
             grid=resolve_grid(ctx, num_video, video=True),
             text=slice(num_video, num_tokens) if text is not None else None,
+            text_lengths=self.text_lengths(ctx, call.attention_mask, query.shape[0], num_video, num_text),
         )
         return Projected(
             query, key, value, layout, attn_mask=call.attention_mask,
-            carry={"num_text": num_text, "has_text": text is not None, "dtype": query.dtype},
+            carry=HunyuanVideoCarry(num_text=num_text, has_text=text is not None, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
-        if not carry["has_text"]:
+        carry: HunyuanVideoCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
+        if not carry.has_text:
             return hidden_states, None
-        num_text = carry["num_text"]
+        num_text = carry.num_text
         hidden_states, text = hidden_states[:, :-num_text], hidden_states[:, -num_text:]
         if getattr(attn, "to_out", None) is not None:
             hidden_states = attn.to_out[0](hidden_states)
@@ -120,6 +162,22 @@ def _read_hunyuan_video_inputs(model: torch.nn.Module, args: dict[str, Any]) -> 
     return grid, int(args["encoder_hidden_states"].shape[1])
 
 
+_PROMPT_LENGTHS = TensorMemo()
+_FORWARD_LENGTHS: weakref.WeakKeyDictionary[RunContext, tuple[int, ...] | None] = weakref.WeakKeyDictionary()
+
+
+def _prompt_lengths(encoder_attention_mask: torch.Tensor) -> tuple[int, ...]:
+    """``L_b``: what the model counts as valid text per row (its joint mask keeps keys ``< num_video + L_b``)."""
+    return tuple(int(n) for n in encoder_attention_mask.sum(dim=1, dtype=torch.int).tolist())
+
+
+def _begin_hunyuan_forward(model: torch.nn.Module, args: dict[str, Any], ctx: RunContext) -> None:
+    """Record this forward's prompt lengths for the joint calls (one host read per new prompt mask object)."""
+    mask = args.get("encoder_attention_mask")
+    valid = isinstance(mask, torch.Tensor) and mask.ndim == 2
+    _FORWARD_LENGTHS[ctx] = _PROMPT_LENGTHS.get(mask, _prompt_lengths) if valid else None
+
+
 register_family(
     ModelFamily(
         name="hunyuan_video",
@@ -127,6 +185,7 @@ register_family(
         read_inputs=_read_hunyuan_video_inputs,
         description="HunyuanVideo (dual- and single-stream joint attention, text tokens after video tokens)",
         text_only_modules=("context_embedder",),  # the token refiner attends over the prompt alone
+        begin_forward=_begin_hunyuan_forward,
     )
 )
 

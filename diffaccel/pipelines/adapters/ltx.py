@@ -31,6 +31,7 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    TensorMemo,
     merge_heads,
     register_adapter,
     register_family,
@@ -81,10 +82,10 @@ class LTXVideoAttentionAdapter(Adapter):
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
         else:
             layout = TokenLayout(num_tokens=num_tokens, grid=_self_attention_grid(ctx, num_tokens))
-        return Projected(query, key, value, layout, attn_mask=attention_mask, carry={"dtype": query.dtype})
+        return Projected(query, key, value, layout, attn_mask=attention_mask, carry=query.dtype)  # finish needs only the projections' dtype
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        hidden_states = merge_heads(out).to(projected.carry["dtype"])
+        hidden_states = merge_heads(out).to(projected.carry)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
@@ -105,6 +106,11 @@ def grid_from_video_coords(video_coords: torch.Tensor) -> Grid | None:
     return grid if torch.equal(expected, first) else None
 
 
+_GRIDS = TensorMemo()
+"""``grid_from_video_coords`` per ``video_coords`` object: LTXConditionPipeline builds the coordinates once per run,
+so only the first denoiser call reads them (``torch.unique``/``torch.equal`` synchronise with the device)."""
+
+
 def _read_ltx_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid | None, None]:
     num_tokens = int(args["hidden_states"].shape[1])
     sizes = tuple(args.get(name) for name in ("num_frames", "height", "width"))
@@ -119,7 +125,7 @@ def _read_ltx_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid
         return grid, None
     video_coords = args.get("video_coords")
     if video_coords is not None:
-        return grid_from_video_coords(video_coords), None
+        return _GRIDS.get(video_coords, grid_from_video_coords), None
     return None, None
 
 

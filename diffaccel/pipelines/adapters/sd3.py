@@ -10,6 +10,7 @@ Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image Syn
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,16 @@ from diffaccel.pipelines.adapters.base import (
     resolve_grid,
     split_heads,
 )
+
+
+@dataclass(frozen=True)
+class JointCarry:
+    """What the SD3 adapters' ``finish`` needs: the image tokens at the front of the output, whether the call was
+    joint (text after them: split and project both streams) and the projections' dtype."""
+
+    num_image: int
+    joint: bool
+    dtype: torch.dtype
 
 
 def joint_layout(grid: Grid, num_image: int, num_text: int | None) -> TokenLayout:
@@ -83,21 +94,21 @@ class JointAttentionAdapter(Adapter):
 
         return Projected(
             query, key, value, joint_layout(resolve_grid(ctx, num_image), num_image, num_text),
-            carry={"num_image": num_image, "joint": num_text is not None, "dtype": query.dtype},
+            carry=JointCarry(num_image=num_image, joint=num_text is not None, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
+        carry: JointCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
         encoder_hidden_states = None
-        if carry["joint"]:
-            num_image = carry["num_image"]
+        if carry.joint:
+            num_image = carry.num_image
             hidden_states, encoder_hidden_states = hidden_states[:, :num_image], hidden_states[:, num_image:]
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if carry["joint"]:
+        if carry.joint:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
@@ -135,13 +146,13 @@ class FusedJointAttentionAdapter(Adapter):
 
         return Projected(
             query, key, value, joint_layout(resolve_grid(ctx, num_image), num_image, num_text),
-            carry={"num_image": num_image, "dtype": query.dtype},
+            carry=JointCarry(num_image=num_image, joint=True, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
-        num_image = carry["num_image"]
+        carry: JointCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
+        num_image = carry.num_image
         hidden_states, encoder_hidden_states = hidden_states[:, :num_image], hidden_states[:, num_image:]
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -2,10 +2,17 @@
 
 Also serves every other place diffusers runs ``AttnProcessor2_0`` on visual tokens (SD3.5's second
 attention in the dual-attention blocks). Mirrors ``diffusers.models.attention_processor.AttnProcessor2_0``.
+
+Self-attention layouts say which UNet level the call runs at: ``downsample`` is the level's factor versus the
+latent grid (2**k after k stride-2 downsamplers, from the grid :func:`~diffaccel.layout.downsampled_level`
+resolves), and ``hierarchical`` is True on UNet families (``ModelFamily.hierarchical``; SD3.5's image-only
+attention says False). Methods read both instead of guessing the level from token counts.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,14 +24,26 @@ from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
     Projected,
+    is_hierarchical,
     is_text_only,
     register_adapter,
     register_family,
     register_processor_inference,
-    resolve_grid,
+    resolve_level,
     split_heads,
     merge_heads,
 )
+from diffaccel.layout import Grid, downsampled_level
+
+
+@dataclass(frozen=True)
+class UNetCarry:
+    """What :meth:`UNetAttentionAdapter.finish` needs: the input before the norms (residual), the 4-D input shape
+    ``(batch, channels, height, width)`` to restore (``None`` for 3-D inputs) and the projections' dtype."""
+
+    residual: torch.Tensor
+    shape4d: tuple[int, int, int, int] | None
+    dtype: torch.dtype
 
 
 @register_adapter
@@ -33,6 +52,34 @@ class UNetAttentionAdapter(Adapter):
 
     family = "unet"
     stock_processors = ("AttnProcessor2_0", "AttnProcessor")
+
+    def __init__(self) -> None:
+        # Without the diffaccel.apply hook there is no latent grid: the largest self-attention grid of the current
+        # forward stands for it (a UNet's first attention runs at the highest resolution), so lower levels still get
+        # their factor. Per run context: (layer of the forward's first call, largest grid); that layer seen again
+        # means a new forward, whose resolution may differ.
+        self._largest: weakref.WeakKeyDictionary[RunContext, tuple[str | None, Grid]] = weakref.WeakKeyDictionary()
+
+    def _level(self, ctx: RunContext, num_tokens: int, shape4d: tuple[int, ...] | None) -> tuple[Grid, int]:
+        """The grid of a self-attention call and its factor versus the latent grid (``TokenLayout.downsample``)."""
+        if shape4d is not None:
+            grid: Grid = (shape4d[2], shape4d[3])
+            base = ctx.grid
+            level = downsampled_level(base, num_tokens) if base is not None else None
+            if level is not None and level[0] == grid:
+                return grid, level[1]
+            if base is not None:
+                return grid, 1  # a 4-D input that is no level of the latent grid (a VAE-style block): no factor
+        elif ctx.grid is not None:
+            return resolve_level(ctx, num_tokens, allow_downsample=True)
+        else:
+            grid = resolve_level(ctx, num_tokens)[0]
+        first, largest = self._largest.get(ctx, (None, None))
+        if largest is None or ctx.layer == first:  # the first call of a (new) forward: its highest resolution
+            first, largest = ctx.layer, grid
+            self._largest[ctx] = (first, largest)
+        level = downsampled_level(largest, num_tokens)
+        return (grid, level[1]) if level is not None and level[0] == grid else (grid, 1)
 
     def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
         hidden_states = call.hidden_states
@@ -80,25 +127,26 @@ class UNetAttentionAdapter(Adapter):
         elif is_text_only(attn):
             # a text-only self-attention (HunyuanVideo's token refiner): no visual grid, so methods keep it dense
             layout = TokenLayout(num_tokens=num_tokens, grid=None, text=slice(0, num_tokens))
-        elif shape4d is not None:
-            layout = TokenLayout(num_tokens=num_tokens, grid=(shape4d[2], shape4d[3]))
         else:
-            layout = TokenLayout(num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens, allow_downsample=True))
+            grid, factor = self._level(ctx, num_tokens, shape4d)
+            layout = TokenLayout(
+                num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True)
+            )
         return Projected(
             query, key, value, layout, attn_mask=attention_mask,
-            carry={"residual": residual, "shape4d": shape4d, "dtype": query.dtype},
+            carry=UNetCarry(residual=residual, shape4d=shape4d, dtype=query.dtype),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry = projected.carry
-        hidden_states = merge_heads(out).to(carry["dtype"])
+        carry: UNetCarry = projected.carry
+        hidden_states = merge_heads(out).to(carry.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if carry["shape4d"] is not None:
-            batch_size, channel, height, width = carry["shape4d"]
+        if carry.shape4d is not None:
+            batch_size, channel, height, width = carry.shape4d
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
-            hidden_states = hidden_states + carry["residual"]
+            hidden_states = hidden_states + carry.residual
         return hidden_states / attn.rescale_output_factor
 
 
@@ -113,6 +161,7 @@ register_family(
         model_classes=("UNet2DConditionModel",),
         read_inputs=_read_unet_inputs,
         description="SD 1.x/2.x and SDXL UNets (self-attention on image tokens, cross-attention to text)",
+        hierarchical=True,
     )
 )
 

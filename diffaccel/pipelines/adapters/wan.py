@@ -100,12 +100,12 @@ class WanAttentionAdapter(Adapter):
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
         else:
             layout = TokenLayout(num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens, video=True))
-        return Projected(query, key, value, layout, attn_mask=call.attention_mask, carry={"image_context": image_context})
+        return Projected(query, key, value, layout, attn_mask=call.attention_mask, carry=image_context)  # the I2V image context (None for T2V)
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
         query = projected.q
         hidden_states = merge_heads(out).type_as(query)
-        image_context = projected.carry["image_context"]
+        image_context: torch.Tensor | None = projected.carry
         if image_context is not None:
             key_img, value_img = _image_projections(attn, image_context)
             key_img = attn.norm_added_k(key_img)
