@@ -123,7 +123,7 @@ def test_failing_method_becomes_a_row_not_a_crash(tmp_path, monkeypatch):
     def broken(method, mask, scale):
         raise RuntimeError("kernel exploded\nsecond line")
 
-    monkeypatch.setattr(bench, "_ours_runner", broken)
+    monkeypatch.setattr(bench, "ours_runner", broken)
     result = run_kernel_bench(
         KernelBenchConfig(
             shapes=("tiny-video",), densities=(0.5,), methods=("sdpa", "ours-bf16", "sage"), out_dir=tmp_path,
