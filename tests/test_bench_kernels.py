@@ -249,3 +249,21 @@ def test_default_output_folders():
     assert DEFAULT_OUT == Path("outputs/bench")
     assert KernelBenchConfig().out_dir == LocalityBenchConfig().out_dir == DEFAULT_OUT
     assert bench.build_arg_parser().parse_args([]).out == locality_parser().parse_args([]).out == DEFAULT_OUT
+
+
+def test_shared_options_reach_both_configurations():
+    """One parser builder: the common options parse the same way and land in each benchmark's configuration."""
+    from diffaccel.bench import locality
+
+    argv = ["--shape", "tiny-video", "--out", "x/y", "--tiny", "--quick", "--dtype", "float16", "--seed", "3",
+            "--error-rows", "7", "--device", "cpu", "--no-flex-compile", "--no-progress"]  # fmt: skip
+    k = bench.config_from_args(bench.build_arg_parser().parse_args([*argv, "--density", "0.5", "--merge"]))
+    loc = locality.config_from_args(locality.build_arg_parser().parse_args([*argv, "--method", "msw"]))
+    for config in (k, loc):
+        assert (config.shapes, config.out_dir, config.tiny, config.quick) == (("tiny-video",), Path("x/y"), True, True)
+        assert (config.dtype, config.seed, config.error_rows, config.device) == ("float16", 3, 7, "cpu")
+        assert config.flex_compile is False and config.progress is False
+    assert k.densities == (0.5,) and k.merge and k.methods == bench.METHODS and loc.methods == ("msw",)
+    assert locality.config_from_args(locality.build_arg_parser().parse_args([])).methods == locality.LOCALITY_METHODS
+    with pytest.raises(SystemExit):
+        locality.build_arg_parser().parse_args(["--density", "0.5"])  # kernel-only option

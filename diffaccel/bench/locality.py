@@ -566,17 +566,21 @@ def build_arg_parser(prog: str = "diffaccel bench locality") -> argparse.Argumen
     )
 
 
+def config_from_args(args: argparse.Namespace, command: str | None = None) -> LocalityBenchConfig:
+    """The configuration that parsed options describe (``command`` is recorded in the JSON)."""
+    return LocalityBenchConfig(
+        shapes=tuple(args.shape), methods=tuple(args.method), out_dir=args.out, tiny=args.tiny, quick=args.quick,
+        dtype=args.dtype, seed=args.seed, error_rows=args.error_rows,
+        flex_compile=False if args.no_flex_compile else None, device=args.device, progress=not args.no_progress,
+        command=command,
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "diffaccel bench locality") -> dict:
     """Parse ``argv``, run, print a one-line summary per shape and where the results went; return the result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_arg_parser(prog).parse_args(argv)
-    config = LocalityBenchConfig(
-        shapes=tuple(args.shape), methods=tuple(args.method), out_dir=args.out, tiny=args.tiny, quick=args.quick,
-        dtype=args.dtype, seed=args.seed, error_rows=args.error_rows,
-        flex_compile=False if args.no_flex_compile else None, device=args.device, progress=not args.no_progress,
-        command=" ".join([prog, shlex.join(argv)]).strip(),
-    )  # fmt: skip
-    result = run_locality_bench(config)
+    result = run_locality_bench(config_from_args(args, command=" ".join([prog, shlex.join(argv)]).strip()))
     for name, info in result["shapes"].items():
         parts = []
         for r in result["rows"]:
