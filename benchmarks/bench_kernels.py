@@ -6,7 +6,8 @@
     python benchmarks/bench_kernels.py --shape wan13-480 wan14-720 hyv-720 --merge
     python benchmarks/bench_kernels.py --help
 
-Results go to benchmarks/results/<date>-<device>-kernels.{json,md,png} (see benchmarks/README.md).
+Results go to <out>/<date>-<device>-kernels.{json,md,png}, <out> = --out, default outputs/bench of the
+current folder (--out benchmarks/results for the committed results; see benchmarks/README.md).
 Needs torch and triton; diffusers is not needed.
 """
 

@@ -5,7 +5,8 @@
     python benchmarks/bench_locality.py --shape cogx-720 wan14-720 hyv-720 --method gna tile
     python benchmarks/bench_locality.py --help
 
-Results go to benchmarks/results/<date>-<device>-locality[-quick|-tiny].{json,md} (see benchmarks/README.md).
+Results go to <out>/<date>-<device>-locality[-quick|-tiny].{json,md}, <out> = --out, default outputs/bench of the
+current folder (--out benchmarks/results for the committed results; see benchmarks/README.md).
 Needs torch and triton; diffusers is not needed.
 """
 

@@ -55,9 +55,12 @@ def generate(
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Keep models on the CPU until each runs (CUDA).")] = False,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also run dense with the same seed.")] = True,
     warmup: Annotated[
-        Optional[int], typer.Option(min=0, help="Untimed calls before each timed one (default 1).")
+        Optional[int], typer.Option(min=0, help="Untimed calls of each run before the timed ones (default 1).")
     ] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per run (the table shows medians).")] = 1,
+    repeats: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Timed calls per run, method and dense alternating (default 3; medians, min-max)."),
+    ] = None,
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
     from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table

@@ -2,7 +2,9 @@
 
 The dense baseline is the pipeline with its stock diffusers processors (PyTorch SDPA), so the speedup and the
 PSNR/SSIM are against exactly what users run today. Both runs draw their latents from a CPU generator seeded
-with the same seed, so they start from the same noise on any device.
+with the same seed, so they start from the same noise on any device. The two runs alternate call by call
+(method, dense, method, dense, ...) after untimed warm-up calls of each (:mod:`diffaccel.eval.timing`), and the
+table shows medians with their min-max range; on a CPU or a tiny model it says that the times measure overheads.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from diffaccel.errors import ConfigError
 from diffaccel.eval.fidelity import Fidelity, compare
 from diffaccel.eval.media import WrittenVideo, save_image, save_side_by_side, save_video
+from diffaccel.eval.timing import Side, Spread, Timing, interleaved, paired_ratio, spread
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines.hooks import apply, denoisers_of, remove
 from diffaccel.pipelines.loading import load_pipeline, resolve_device, resolve_dtype
@@ -32,6 +35,11 @@ DEFAULT_TINY_MODEL = "tiny-flux"
 DEFAULT_CUDA_MODEL = "black-forest-labs/FLUX.1-dev"
 """The default model: FLUX.1-dev on a CUDA machine (gated on the Hub: accept its license and log in first),
 the tiny offline FLUX pipeline elsewhere."""
+
+DEFAULT_WARMUP = 1
+"""Untimed calls of each side before the timed ones (first calls pay one-time costs, on the CPU as well)."""
+DEFAULT_REPEATS = 3
+"""Timed calls of each side, alternating with the other side's: enough for a median and a visible spread."""
 
 VIDEO_FPS = {"Wan": 16, "CogVideoX": 8, "LTX": 24, "HunyuanVideo": 24}
 """Frame rates of the video families' checkpoints, by pipeline class-name prefix (16 otherwise)."""
@@ -88,9 +96,10 @@ class GenerateOptions:
     cpu_offload: bool = False
     compare: bool = True
     warmup: int | None = None
-    """Untimed calls before each timed one (default 1: first calls pay one-time costs, on the CPU as well)."""
-    repeats: int = 1
-    """Timed calls per run; the table shows their medians."""
+    """Untimed calls of each run before any timed call (default :data:`DEFAULT_WARMUP`)."""
+    repeats: int | None = None
+    """Timed calls per run, alternating method and dense (default :data:`DEFAULT_REPEATS`); the table shows their
+    medians and min-max."""
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -190,14 +199,6 @@ def resolved_steps(pipe: Any, kwargs: dict[str, Any]) -> int | None:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Wall-clock seconds of one pipeline call, and of the denoiser forwards inside it."""
-
-    total_s: float
-    denoise_s: float
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so the clock reads when it is done (CPU work is synchronous)."""
     if device.type == "cuda":
@@ -261,12 +262,29 @@ def run_pipeline(pipe: Any, prompt: str, kwargs: dict[str, Any], seed: int, labe
 
 @dataclass
 class RunRecord:
-    """One timed run: its label, timing, and its fidelity against dense (``None`` for dense itself or without it)."""
+    """One timed run: its label, its median timing, its fidelity against dense (``None`` for dense itself or
+    without it) and every timed call (``samples``, in call order; warm-up calls are not among them)."""
 
     label: str
     timing: Timing
     fidelity: Fidelity | None = None
     baseline: bool = False
+    samples: tuple[Timing, ...] = ()
+
+    @property
+    def total(self) -> Spread:
+        """Median and range of the whole call's seconds."""
+        return spread([t.total_s for t in self.samples or (self.timing,)])
+
+    @property
+    def denoise(self) -> Spread:
+        """Median and range of the seconds inside the denoiser forwards."""
+        return spread([t.denoise_s for t in self.samples or (self.timing,)])
+
+
+def median_timing(samples: list[Timing] | tuple[Timing, ...]) -> Timing:
+    """The medians of the total and the denoiser seconds (each taken on its own)."""
+    return Timing(statistics.median(t.total_s for t in samples), statistics.median(t.denoise_s for t in samples))
 
 
 @dataclass
@@ -290,6 +308,11 @@ class GenerateResult:
     def dense(self) -> RunRecord | None:
         return next((r for r in self.runs if r.baseline), None)
 
+    @property
+    def overheads_only(self) -> bool:
+        """On a CPU or with a tiny random model the times are dominated by overheads, not by attention."""
+        return not self.device.startswith("cuda") or is_tiny(self.model)
+
 
 def _slug(text: str) -> str:
     name = text.rstrip("/\\").replace("\\", "/").split("/")[-1] or "model"
@@ -304,40 +327,40 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         raise ConfigError(f"seed must be a non-negative integer, got {opts.seed!r}")
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    warmup = 1 if opts.warmup is None else opts.warmup
-    if not isinstance(warmup, int) or warmup < 0:
+    warmup = DEFAULT_WARMUP if opts.warmup is None else opts.warmup
+    repeats = DEFAULT_REPEATS if opts.repeats is None else opts.repeats
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if not isinstance(opts.repeats, int) or opts.repeats < 1:
-        raise ConfigError(f"repeats must be a positive integer, got {opts.repeats!r}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
 
     pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=opts.cpu_offload)
     kwargs = call_kwargs(pipe, model, opts)
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
     video = is_video_pipeline(pipe)
 
-    def timed(label: str) -> tuple[torch.Tensor, Timing]:
-        for i in range(warmup):
-            run_pipeline(pipe, opts.prompt, kwargs, opts.seed, f"{label} warm-up {i + 1}")
-        timings = []
-        for i in range(opts.repeats):
-            output, timing = run_pipeline(pipe, opts.prompt, kwargs, opts.seed, label)
-            timings.append(timing)
-        total = statistics.median(t.total_s for t in timings)
-        denoise = statistics.median(t.denoise_s for t in timings)
-        return output, Timing(total, denoise)
+    def call(label: str) -> tuple[torch.Tensor, Timing]:
+        return run_pipeline(pipe, opts.prompt, kwargs, opts.seed, label)
 
-    runs: list[RunRecord] = []
-    reference = None
+    # The method first, then dense, alternating call by call; the same method object is re-applied each time,
+    # so whatever it caches (plans, masks) is built in its warm-up call, as in a long-running process.
+    sides = [Side(opts.method, lambda: apply(pipe, method), call)]
     if opts.compare:
-        remove(pipe)
-        reference, dense_timing = timed("dense")
-        runs.append(RunRecord("dense", dense_timing, baseline=True))
-    apply(pipe, method)
+        sides.append(Side("dense", lambda: remove(pipe), call))
     try:
-        output, timing = timed(opts.method)
+        timed = interleaved(sides, warmup, repeats)
     finally:
         remove(pipe)
-    runs.append(RunRecord(opts.method, timing, compare(output, reference) if reference is not None else None))
+    output = timed[0][-1][0]
+    method_samples = tuple(t for _, t in timed[0])
+    reference = None
+    runs: list[RunRecord] = []
+    if opts.compare:
+        reference = timed[1][-1][0]
+        dense_samples = tuple(t for _, t in timed[1])
+        runs.append(RunRecord("dense", median_timing(dense_samples), baseline=True, samples=dense_samples))
+    fidelity = compare(output, reference) if reference is not None else None
+    runs.append(RunRecord(opts.method, median_timing(method_samples), fidelity, samples=method_samples))
 
     stem = opts.out / f"{_slug(model)}_{opts.method}"
     written = None
@@ -360,7 +383,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         size=tuple(output.shape),
         steps=resolved_steps(pipe, kwargs),
         warmup=warmup,
-        repeats=opts.repeats,
+        repeats=repeats,
         runs=runs,
         output_path=output_path,
         video=written,
@@ -371,8 +394,17 @@ def generate(opts: GenerateOptions) -> GenerateResult:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def overhead_note(result: GenerateResult) -> str | None:
+    """Why the times are overheads (CPU, tiny model, or both), or ``None`` on CUDA with a real model."""
+    if not result.overheads_only:
+        return None
+    where = [w for w, cond in (("CPU", not result.device.startswith("cuda")), ("tiny model", is_tiny(result.model))) if cond]
+    return f"{', '.join(where)}: these times measure overheads, not attention speed."
+
+
 def results_table(result: GenerateResult):
-    """A rich table of the runs: latency, speedup against dense, PSNR and SSIM against dense."""
+    """A rich table of the runs: median latency (min-max), speedup against dense (ratio of medians, min-max of the
+    per-round ratios), PSNR and SSIM against dense. On a CPU or a tiny model the time columns say "overheads"."""
     from rich.table import Table
 
     if result.is_video:
@@ -382,12 +414,14 @@ def results_table(result: GenerateResult):
         _, h, w = result.size
         size, unit = f"{w}x{h}", "image"
     title = f"{result.model} ({result.pipeline}) | {size} | {result.steps} steps | {result.device} {result.dtype}"
+    note = overhead_note(result)
+    tag = " (overheads)" if note else ""
     table = Table(title=title)
     table.add_column("run")
-    table.add_column(f"s / {unit}", justify="right")
-    table.add_column("denoiser s", justify="right")
-    table.add_column("speedup", justify="right")
-    table.add_column("denoiser speedup", justify="right")
+    table.add_column(f"s / {unit}{tag}", justify="right")
+    table.add_column(f"denoiser s{tag}", justify="right")
+    table.add_column(f"speedup{tag}", justify="right")
+    table.add_column(f"denoiser speedup{tag}", justify="right")
     table.add_column("PSNR dB", justify="right")
     table.add_column("SSIM", justify="right")
     dense = result.dense
@@ -395,24 +429,37 @@ def results_table(result: GenerateResult):
         fid = run.fidelity
         table.add_row(
             run.label,
-            f"{run.timing.total_s:.3f}",
-            f"{run.timing.denoise_s:.3f}",
-            "-" if dense is None else _ratio(dense.timing.total_s, run.timing.total_s),
-            "-" if dense is None else _ratio(dense.timing.denoise_s, run.timing.denoise_s),
+            run.total.format(),
+            run.denoise.format(),
+            "-" if dense is None else _speedup(dense, run, "total_s"),
+            "-" if dense is None else _speedup(dense, run, "denoise_s"),
             "-" if fid is None else ("inf" if math.isinf(fid.psnr) else f"{fid.psnr:.2f}"),
             "-" if fid is None else f"{fid.ssim:.4f}",
         )
     sync = "CUDA synchronized before each clock read" if result.device.startswith("cuda") else "on the CPU"
-    calls = "one pipeline call" if result.repeats == 1 else f"median of {result.repeats} pipeline calls"
+    if result.repeats == 1:
+        calls = "one pipeline call per run"
+    else:
+        calls = f"median (min-max) of {result.repeats} pipeline calls per run"
+        if dense is not None:
+            calls += ", method and dense alternating call by call"
+    speedups = "speedup: ratio of the medians (min-max of the per-round ratios); " if result.repeats > 1 else ""
     table.caption = (
-        f"Timed: {calls} per run, after {result.warmup} untimed warm-up call(s), {sync}. "
+        (f"{note} " if note else "")
+        + f"Timed: {calls}, after {result.warmup} untimed warm-up call(s) of each, {sync}. "
         f"s / {unit}: the whole call (text encoding, denoising, VAE decode); denoiser s: time inside the "
-        "denoiser forwards. dense = stock diffusers processors (PyTorch SDPA), same seed; speedups and "
+        f"denoiser forwards. dense = stock diffusers processors (PyTorch SDPA), same seed; {speedups}speedups and "
         "PSNR/SSIM are against it."
-        + (" Tiny random models: timings show overheads, not attention speed." if is_tiny(result.model) else "")
     )
     return table
 
 
-def _ratio(reference: float, value: float) -> str:
-    return f"{reference / value:.2f}x" if value > 0 else "-"
+def _speedup(dense: RunRecord, run: RunRecord, field: str) -> str:
+    """``dense / run`` as ``1.02x (0.98-1.05x)`` from the paired samples, or ``-`` without a positive time."""
+    reference = [getattr(t, field) for t in dense.samples or (dense.timing,)]
+    values = [getattr(t, field) for t in run.samples or (run.timing,)]
+    if len(reference) != len(values):  # records built by hand: ratio of the medians only
+        ratio = paired_ratio([statistics.median(reference)], [statistics.median(values)])
+    else:
+        ratio = paired_ratio(reference, values)
+    return "-" if ratio is None else ratio.format(".2f", "x")

@@ -1,19 +1,27 @@
-"""Kernel benchmark: CPU smoke run at tiny shapes (Triton interpreter), block masks, config checks, CLI, merging."""
+"""Kernel benchmark: smoke run at tiny shapes (Triton's interpreter on a CPU, compiled Triton on CUDA), block masks,
+config checks, CLI, merging (committed results included), output folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from diffaccel.bench import kernels as bench
-from diffaccel.bench.kernels import KernelBenchConfig, random_block_mask, run_kernel_bench
+from diffaccel.bench.kernels import KernelBenchConfig, merge_results, random_block_mask, run_kernel_bench
 from diffaccel.bench.shapes import SHAPES, TINY_SHAPES, get_shape
 from diffaccel.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test (a GPU runs the real benchmark)")
+CUDA = torch.cuda.is_available()  # the smoke runs use the default device: the compiled kernel where there is one
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((REPO / "benchmarks" / "results").glob("*-kernels*.json"))
 
 ROW_KEYS = {
     "shape", "method", "density_target", "density_blocks", "density_kept", "status", "reason", "detail", "ms",
@@ -49,15 +57,22 @@ def test_cpu_smoke_run_writes_json_markdown_and_plot(tmp_path):
     meta = doc["meta"]
     for key in ("date", "command", "torch", "triton", "cuda", "driver", "gpu", "timer", "kernel_path", "flex"):
         assert key in meta
-    assert meta["kernel_path"] == "triton-interpreter"  # conftest sets TRITON_INTERPRET=1 without CUDA
-    assert meta["timer"].startswith("time.perf_counter")
+    if CUDA:
+        assert meta["kernel_path"] == "triton" and meta["timer"].startswith("triton.testing.do_bench")
+        assert meta["gpu"] and meta["device"].startswith("cuda")
+    else:
+        assert meta["kernel_path"] == "triton-interpreter"  # conftest sets TRITON_INTERPRET=1 without CUDA
+        assert meta["timer"].startswith("time.perf_counter")
     assert doc["config"]["tiny"] and doc["config"]["block_size"] == 16
     info = doc["shapes"]["tiny-image"]
-    assert info["tokens"] == 75 and info["sdpa_best"] in ("sdpa-flash", "sdpa-math")
+    sdpa_backends = {f"sdpa-{b}" for b in bench.SDPA_BACKENDS}
+    assert info["tokens"] == 75 and info["sdpa_best"] in (sdpa_backends if CUDA else {"sdpa-flash", "sdpa-math"})
 
     rows = {(r["method"], r["density_target"]): r for r in doc["rows"]}
     assert all(ROW_KEYS <= set(r) for r in doc["rows"])
-    assert rows[("sdpa-cudnn", 1.0)]["status"] == "unavailable"
+    if not CUDA:
+        assert rows[("sdpa-cudnn", 1.0)]["status"] == "unavailable"
+    assert all(rows[(m, 1.0)]["status"] in ("ok", "unavailable", "skipped") for m in sdpa_backends)
     assert rows[("xformers", 1.0)]["status"] in ("unavailable", "ok") and rows[("xformers", 1.0)]["reason"] != ""
     for method in ("flex", "ours-bf16", "ours-int8"):
         for density in (1.0, 0.5):
@@ -74,7 +89,9 @@ def test_cpu_smoke_run_writes_json_markdown_and_plot(tmp_path):
     assert "ours-bf16" in rows[("ours-int8", 0.5)]["speedup"]
 
     markdown = files["markdown"].read_text()
-    assert "## tiny-image" in markdown and "| ours-int8 | 0.5 /" in markdown and "**unavailable**" in markdown
+    assert "## tiny-image" in markdown and "| ours-int8 | 0.5 /" in markdown
+    assert ("**unavailable**" in markdown) == any(r["status"] == "unavailable" for r in doc["rows"])
+    assert CUDA or "**unavailable**" in markdown  # SDPA cudnn and efficient need CUDA
     with Image.open(files["plot"]) as image:
         assert image.format == "PNG" and image.size[0] > 100
 
@@ -104,7 +121,8 @@ def test_random_block_mask_keeps_diagonal_and_density():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"shapes": ("flux-1024",)}, "needs a CUDA device"),
+        ({"shapes": ("flux-1024",), "device": "cpu"}, "needs a CUDA device"),
+        ({"device": "tpu"}, "device must be 'cuda' or 'cpu'"),
         ({"shapes": ("nope",)}, "shape must be one of"),
         ({"densities": (0.0,)}, r"density must be in \(0, 1\]"),
         ({"densities": (1.5,)}, r"density must be in \(0, 1\]"),
@@ -123,7 +141,7 @@ def test_failing_method_becomes_a_row_not_a_crash(tmp_path, monkeypatch):
     def broken(method, mask, scale):
         raise RuntimeError("kernel exploded\nsecond line")
 
-    monkeypatch.setattr(bench, "_ours_runner", broken)
+    monkeypatch.setattr(bench, "ours_runner", broken)
     result = run_kernel_bench(
         KernelBenchConfig(
             shapes=("tiny-video",), densities=(0.5,), methods=("sdpa", "ours-bf16", "sage"), out_dir=tmp_path,
@@ -157,5 +175,95 @@ def test_cli_command_and_merge(tmp_path):
     assert len(doc["meta"]["merged_commands"]) == 2
     assert "tiny-batch2" in (tmp_path / path.name.replace(".json", ".md")).read_text()
 
-    bad = runner.invoke(app, ["bench", "kernels", "--shape", "flux-1024", "--out", str(tmp_path)])
+    bad = runner.invoke(app, ["bench", "kernels", "--shape", "flux-1024", "--device", "cpu", "--out", str(tmp_path)])
     assert isinstance(bad.exception, ConfigError) and "needs a CUDA device" in str(bad.exception)
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_results_still_load_render_and_merge(tmp_path, path):
+    """The result files in benchmarks/results/ keep working with --merge, the markdown and the plot."""
+    previous = json.loads(path.read_text())
+    assert previous["kind"] == "kernels" and previous["rows"] and previous["shapes"]
+    markdown = bench.render_markdown(previous)
+    for name in previous["shapes"]:
+        assert f"## {name}:" in markdown
+    bench.render_plot(previous, tmp_path / "plot.png")
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG"
+
+    # A later run of the same setup that re-measured only the first shape, merged through the file on disk.
+    first, *others = list(previous["shapes"])
+    current = json.loads(path.read_text())
+    current.pop("files")
+    current["shapes"] = {first: current["shapes"][first]}
+    current["rows"] = [dict(r, ms=(r["ms"] or 1.0) * 2) for r in current["rows"] if r["shape"] == first]
+    current["config"] = {**current["config"], "shapes": [first], "densities": [0.5]}
+    current["meta"] = {**current["meta"], "command": "diffaccel bench kernels --shape " + first}
+    shutil.copy(path, tmp_path / path.name)
+    paths = bench.write_outputs(current, tmp_path, plot=False, merge=True)
+    assert paths["json"].name == path.name  # same day, device and run kind: the same file, merged
+    merged = json.loads(paths["json"].read_text())
+    assert list(merged["shapes"]) == [*others, first]
+    assert merged["rows"][: -len(current["rows"])] == [r for r in previous["rows"] if r["shape"] != first]
+    assert [r["ms"] for r in merged["rows"] if r["shape"] == first] == [r["ms"] for r in current["rows"]]
+    assert merged["config"]["densities"] == sorted({*previous["config"]["densities"], 0.5}, reverse=True)
+    assert merged["meta"]["merged_commands"] == [previous["meta"]["command"], current["meta"]["command"]]
+    # Another device or version refuses to merge, naming what differs.
+    with pytest.raises(ConfigError, match="torch"):
+        merge_results(previous, {**current, "meta": {**current["meta"], "torch": "0.0"}})
+
+
+def test_bench_writes_under_out_default_outputs_bench(tmp_path):
+    """The real console process: without --out results go to ./outputs/bench of the current folder (never the
+    source tree or ./benchmarks/results); with --out, only there."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if not CUDA:
+        env.setdefault("TRITON_INTERPRET", "1")
+    results = REPO / "benchmarks" / "results"
+    before = sorted(p.name for p in results.iterdir())
+    args = ["--tiny", "--shape", "tiny-image", "--density", "1", "--method", "sdpa", "--no-progress", "--no-plot"]
+    done = subprocess.run(
+        [sys.executable, "-m", "diffaccel.cli", "bench", "kernels", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    written = sorted(p.name for p in (tmp_path / "outputs" / "bench").iterdir())
+    assert len(written) == 2 and written[0].endswith("-kernels-tiny.json") and written[1].endswith("-kernels-tiny.md")
+    assert f"json: {Path('outputs') / 'bench' / written[0]}" in done.stdout
+    assert sorted(p.name for p in results.iterdir()) == before
+    out = tmp_path / "elsewhere"
+    done = subprocess.run(
+        [sys.executable, "-m", "diffaccel.cli", "bench", "kernels", *args, "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(list(out.glob("*-kernels-tiny.json"))) == 1
+    assert sorted(p.name for p in (tmp_path / "outputs" / "bench").iterdir()) == written  # nothing new there
+
+
+def test_default_output_folders():
+    from diffaccel.bench.locality import LocalityBenchConfig, build_arg_parser as locality_parser
+    from diffaccel.bench.options import DEFAULT_OUT
+
+    assert DEFAULT_OUT == Path("outputs/bench")
+    assert KernelBenchConfig().out_dir == LocalityBenchConfig().out_dir == DEFAULT_OUT
+    assert bench.build_arg_parser().parse_args([]).out == locality_parser().parse_args([]).out == DEFAULT_OUT
+
+
+def test_shared_options_reach_both_configurations():
+    """One parser builder: the common options parse the same way and land in each benchmark's configuration."""
+    from diffaccel.bench import locality
+
+    argv = ["--shape", "tiny-video", "--out", "x/y", "--tiny", "--quick", "--dtype", "float16", "--seed", "3",
+            "--error-rows", "7", "--device", "cpu", "--no-flex-compile", "--no-progress"]  # fmt: skip
+    k = bench.config_from_args(bench.build_arg_parser().parse_args([*argv, "--density", "0.5", "--merge"]))
+    loc = locality.config_from_args(locality.build_arg_parser().parse_args([*argv, "--method", "msw"]))
+    for config in (k, loc):
+        assert (config.shapes, config.out_dir, config.tiny, config.quick) == (("tiny-video",), Path("x/y"), True, True)
+        assert (config.dtype, config.seed, config.error_rows, config.device) == ("float16", 3, 7, "cpu")
+        assert config.flex_compile is False and config.progress is False
+    assert k.densities == (0.5,) and k.merge and k.methods == bench.METHODS and loc.methods == ("msw",)
+    assert locality.config_from_args(locality.build_arg_parser().parse_args([])).methods == locality.LOCALITY_METHODS
+    with pytest.raises(SystemExit):
+        locality.build_arg_parser().parse_args(["--density", "0.5"])  # kernel-only option

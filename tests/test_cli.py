@@ -1,10 +1,14 @@
-"""The `diffaccel` command line: generate on every tiny model, methods/models listings, one-line errors."""
+"""The `diffaccel` command line: generate on every tiny model, its timings (alternating runs, warm-up excluded, spreads,
+overheads labelled), methods/models listings, one-line errors."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -42,7 +46,9 @@ def require_adapters(name: str) -> None:
 def test_generate_dense_on_each_tiny_model(capsys, tmp_path, name):
     require_adapters(name)
     spec = tiny_spec(name)
-    code, out, err = cli(capsys, "generate", "--method", "dense", "--model", name, "--out", str(tmp_path), "--warmup", "0")
+    code, out, err = cli(
+        capsys, "generate", "--method", "dense", "--model", name, "--out", str(tmp_path), "--warmup", "0", "--repeats", "1"
+    )
     assert code == 0, err
     assert "PSNR" in out and "SSIM" in out and "speedup" in out
     assert "inf" in out and "1.0000" in out  # dense through diffaccel equals the stock pipeline
@@ -67,7 +73,7 @@ def test_generate_without_compare(capsys, tmp_path):
     require_adapters("tiny-sd")
     code, out, err = cli(
         capsys, "generate", "-m", "dense", "--model", "tiny-sd", "--out", str(tmp_path), "--no-compare",
-        "--warmup", "0", "--steps", "1", "--height", "48", "--width", "32", "--seed", "7",
+        "--warmup", "0", "--repeats", "1", "--steps", "1", "--height", "48", "--width", "32", "--seed", "7",
     )
     assert code == 0, err
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -178,8 +184,9 @@ def test_generate_compares_a_method_that_changes_attention(tmp_path, monkeypatch
     require_adapters("tiny-sdxl")
     base.list_methods()
     monkeypatch.setitem(base._REGISTRY, UniformAttention.name, UniformAttention)
-    result = generate(GenerateOptions(method=UniformAttention.name, model="tiny-sdxl", out=tmp_path, warmup=0))
+    result = generate(GenerateOptions(method=UniformAttention.name, model="tiny-sdxl", out=tmp_path, warmup=0, repeats=2))
     dense, method = result.runs
+    assert len(dense.samples) == len(method.samples) == 2
     assert dense.baseline and dense.fidelity is None and not method.baseline
     assert math.isfinite(method.fidelity.psnr) and method.fidelity.psnr < 60
     assert 0 < method.fidelity.ssim < 1
@@ -190,3 +197,192 @@ def test_generate_compares_a_method_that_changes_attention(tmp_path, monkeypatch
     console.print(results_table(result))
     text = console.export_text()
     assert UniformAttention.name in text and f"{method.fidelity.psnr:.2f}" in text
+
+
+# ------------------------------------------------------------------------------------------ generate timings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    """A clock that moves only when a fake call says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _fake_sides(clock: FakeClock, log: list[str], durations: dict[str, list[float]], warmup_s: float = 100.0):
+    """Two sides whose calls take the next duration of their list (warm-up calls take ``warmup_s``), timed by
+    reading ``clock`` around the call as run_pipeline does with its clock."""
+    from diffaccel.eval.timing import Side
+
+    def side(name: str) -> Side:
+        left = list(durations[name])
+
+        def call(label: str) -> float:
+            log.append(f"call {label}")
+            start = clock()
+            clock.advance(warmup_s if "warm-up" in label else left.pop(0))
+            return clock() - start
+
+        return Side(name, lambda: log.append(f"activate {name}"), call)
+
+    return [side("method"), side("dense")]
+
+
+def test_interleaved_alternates_method_and_dense_and_drops_the_warmup():
+    from diffaccel.eval.timing import interleaved
+
+    clock, log = FakeClock(), []
+    sides = _fake_sides(clock, log, {"method": [1.0, 1.5, 1.25], "dense": [2.0, 2.5, 2.25]})
+    method, dense = interleaved(sides, warmup=1, repeats=3)
+    assert log == [
+        "activate method", "call method warm-up 1", "activate dense", "call dense warm-up 1",
+        "activate method", "call method 1/3", "activate dense", "call dense 1/3",
+        "activate method", "call method 2/3", "activate dense", "call dense 2/3",
+        "activate method", "call method 3/3", "activate dense", "call dense 3/3",
+    ]  # fmt: skip
+    # The timed results are the timed calls' clock differences, in call order; no warm-up call (100 s) among them.
+    assert method == [1.0, 1.5, 1.25] and dense == [2.0, 2.5, 2.25]
+    assert clock.now == 2 * 100.0 + sum(method) + sum(dense)
+
+
+def test_interleaved_one_side_warmups_and_bad_arguments():
+    from diffaccel.eval.timing import interleaved
+
+    clock, log = FakeClock(), []
+    (method, _) = _fake_sides(clock, log, {"method": [3.0, 4.0], "dense": []})
+    assert interleaved([method], warmup=2, repeats=2) == [[3.0, 4.0]]
+    assert log == ["activate method", "call method warm-up 1", "call method warm-up 2", "call method 1/2", "call method 2/2"]
+    for bad in ({"warmup": -1, "repeats": 1}, {"warmup": 0, "repeats": 0}, {"warmup": 1.5, "repeats": 1}):
+        with pytest.raises(ValueError, match="warmup|repeats"):
+            interleaved([method], **bad)
+    with pytest.raises(ValueError, match="at least one side"):
+        interleaved([], warmup=0, repeats=1)
+
+
+def test_spread_and_paired_ratio():
+    from diffaccel.eval.timing import paired_ratio, spread
+
+    s = spread([0.3, 0.1, 0.2])
+    assert (s.median, s.low, s.high, s.count) == (0.2, 0.1, 0.3, 3)
+    assert s.format() == "0.200 (0.100-0.300)" and spread([0.25]).format() == "0.250"
+    r = paired_ratio([2.0, 2.5, 2.25], [1.0, 1.5, 1.25])
+    assert r.median == pytest.approx(2.25 / 1.25)
+    assert (r.low, r.high) == (pytest.approx(2.5 / 1.5), pytest.approx(2.0))
+    assert r.format(".2f", "x") == "1.80x (1.67-2.00x)"
+    assert paired_ratio([1.0], [0.0]) is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_generate_alternates_runs_and_excludes_warmup(tmp_path, monkeypatch):
+    """generate() itself: the method and dense calls alternate with the right attention installed, warm-up calls
+    are not timed, and the table shows medians, ranges and the ratio of medians (fake clock, real tiny pipeline)."""
+    import torch
+    from rich.console import Console
+
+    from diffaccel import run
+    from diffaccel.eval.timing import Timing
+    from diffaccel.methods import base
+    from diffaccel.methods.dense import DenseConfig
+    from diffaccel.pipelines.hooks import denoisers_of, installed_processor
+
+    class NoOpAttention(base.MethodBase):
+        """A method that is never called (the pipeline call is faked)."""
+
+        name = "_test_noop"
+        config_class = DenseConfig
+
+    require_adapters("tiny-sd")
+    base.list_methods()
+    monkeypatch.setitem(base._REGISTRY, NoOpAttention.name, NoOpAttention)
+    clock, calls, pipes = FakeClock(), [], []
+    durations = {"_test_noop": [1.0, 1.2, 1.1], "dense": [2.0, 2.1, 2.2]}
+
+    def fake_run_pipeline(pipe, prompt, kwargs, seed, label):
+        processor = installed_processor(denoisers_of(pipe)[0])
+        active = "dense" if processor is None else processor.method.name
+        calls.append((active, label))
+        pipes.append(pipe)
+        assert label.startswith(active)  # the label names the side whose attention is installed
+        start = clock()
+        clock.advance(100.0 if "warm-up" in label else durations[active].pop(0))
+        total = clock() - start
+        image = torch.full((3, 16, 16), 0.5) + (0.1 if active != "dense" else 0.0) * torch.rand(3, 16, 16)
+        return image, Timing(total, total / 2)
+
+    monkeypatch.setattr(run, "run_pipeline", fake_run_pipeline)
+    result = run.generate(run.GenerateOptions(method=NoOpAttention.name, model="tiny-sd", out=tmp_path, device="cpu"))
+    assert (result.warmup, result.repeats) == (run.DEFAULT_WARMUP, run.DEFAULT_REPEATS) == (1, 3)
+    assert [a for a, _ in calls] == ["_test_noop", "dense"] * 4
+    assert [label for _, label in calls[:2]] == ["_test_noop warm-up 1", "dense warm-up 1"]
+    dense, method = result.runs
+    assert [t.total_s for t in method.samples] == pytest.approx([1.0, 1.2, 1.1])
+    assert [t.total_s for t in dense.samples] == pytest.approx([2.0, 2.1, 2.2])
+    assert (method.timing.total_s, method.timing.denoise_s, dense.timing.total_s) == pytest.approx((1.1, 0.55, 2.1))
+    assert math.isfinite(method.fidelity.psnr) and dense.fidelity is None
+    assert len({id(p) for p in pipes}) == 1 and installed_processor(denoisers_of(pipes[0])[0]) is None  # removed
+
+    console = Console(record=True, width=240)
+    console.print(run.results_table(result))
+    text = " ".join(console.export_text().split())
+    assert "1.100 (1.000-1.200)" in text and "2.100 (2.000-2.200)" in text  # medians (min-max) per side
+    assert "0.550 (0.500-0.600)" in text  # the denoiser seconds
+    # Speedup: ratio of the medians 2.1 / 1.1, with the min-max of the per-round ratios 2.0, 1.75, 2.0.
+    assert f"{2.1 / 1.1:.2f}x ({2.1 / 1.2:.2f}-{2.2 / 1.1:.2f}x)" in text
+    assert "CPU, tiny model: these times measure overheads, not attention speed." in text
+    assert "speedup (overheads)" in text and "median (min-max) of 3 pipeline calls per run" in text
+    assert "alternating call by call" in text and "after 1 untimed warm-up call(s) of each" in text
+
+
+def test_results_table_labels_overheads_only_on_cpu_or_tiny_models(tmp_path):
+    from rich.console import Console
+
+    from diffaccel.eval.timing import Timing
+    from diffaccel.run import GenerateResult, RunRecord, median_timing, results_table
+
+    dense_s = (Timing(2.0, 1.0), Timing(2.2, 1.2), Timing(2.4, 1.4))
+    method_s = (Timing(1.0, 0.5), Timing(1.0, 0.4), Timing(1.2, 0.6))
+
+    def table(model: str, device: str) -> str:
+        result = GenerateResult(
+            model=model, method="gna", pipeline="FluxPipeline", device=device, dtype="bfloat16", is_video=False,
+            size=(3, 64, 64), steps=2, warmup=1, repeats=3, output_path=tmp_path / "x.png",
+            runs=[RunRecord("dense", median_timing(dense_s), baseline=True, samples=dense_s),
+                  RunRecord("gna", median_timing(method_s), samples=method_s)],
+        )  # fmt: skip
+        console = Console(record=True, width=240)
+        console.print(results_table(result))
+        return " ".join(console.export_text().split())
+
+    gpu = table("black-forest-labs/FLUX.1-dev", "cuda:0")
+    assert "overheads" not in gpu and "attention speed" not in gpu
+    assert "2.20x (2.00-2.20x)" in gpu and "2.40x (2.00-3.00x)" in gpu  # total and denoiser speedups
+    assert "tiny model: these times measure overheads, not attention speed." in table("tiny-flux", "cuda")
+    assert "CPU: these times measure overheads" in table("black-forest-labs/FLUX.1-dev", "cpu")
+    assert "CPU, tiny model: these times" in table("tiny-flux", "cpu")
+
+
+def test_generate_console_defaults_time_both_sides_with_spreads(tmp_path):
+    """The real console script on the default tiny run: warm-up 1, 3 alternating timed calls per side, medians
+    with min-max, and the overheads label."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffaccel.cli", "generate", "-m", "dense", "--model", "tiny-flux", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "these times measure overheads, not attention speed." in out
+    assert "median (min-max) of 3 pipeline calls per run, method and dense alternating call by call" in out
+    assert "after 1 untimed warm-up call(s) of each" in out
+    assert len(re.findall(r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)) == 4  # 2 runs x (total, denoiser)
+    assert len(re.findall(r"\d+\.\d{2}x \(\d+\.\d{2}-\d+\.\d{2}x\)", out)) == 4
+    assert "inf" in out and "1.0000" in out and (tmp_path / "tiny-flux_dense.png").exists()

@@ -22,8 +22,9 @@ def kernels(ctx: typer.Context) -> None:
     """Time the block-sparse kernel (bf16, INT8) against SDPA, FlexAttention, xformers, SageAttention.
 
     Options: --shape NAME... --density D... --method M... --out DIR --tiny --quick --merge --block-size N
-    --dtype --seed --error-rows N --no-flex-compile --no-plot --no-progress (run with --help for details).
-    Writes <out>/<date>-<device>-kernels.json, a markdown table and a speedup-vs-density plot.
+    --dtype --seed --error-rows N --device --no-flex-compile --no-plot --no-progress (run with --help for details).
+    Writes <out>/<date>-<device>-kernels.json (<out> default: outputs/bench), a markdown table and a
+    speedup-vs-density plot.
     """
     from diffaccel.bench.kernels import main
 
@@ -38,9 +39,9 @@ def kernels(ctx: typer.Context) -> None:
 def locality(ctx: typer.Context) -> None:
     """Time GNA, tile, CLEAR and MSW-MSA attention (as the processor runs it) against SDPA and FlexAttention.
 
-    Options: --shape NAME... --method M... --out DIR --tiny --quick --dtype --seed --error-rows N
+    Options: --shape NAME... --method M... --out DIR --tiny --quick --dtype --seed --error-rows N --device
     --no-flex-compile --no-progress (run with --help for details).
-    Writes <out>/<date>-<device>-locality[-quick|-tiny].json and a markdown table.
+    Writes <out>/<date>-<device>-locality[-quick|-tiny].json (<out> default: outputs/bench) and a markdown table.
     """
     from diffaccel.bench.locality import main
 

@@ -13,9 +13,11 @@ it*: ``method(q, k, v, layout, ctx)``, so the time includes the token-permutatio
   which (``flex_mode``).
 
 Every output is compared with float32 attention under the method's element mask (and with dense float32
-attention) on a fixed random subset of query rows of every head. Timing, inputs, SDPA backends, the compiled
-FlexAttention, the error measurement, environment capture and file naming are the kernel benchmark's
-(:mod:`diffaccel.bench.kernels`). Each measurement is wrapped: a failure becomes a row with its reason.
+attention) on a fixed random subset of query rows of every head. Timing, inputs and the error measurement
+(:mod:`diffaccel.bench.measure`), SDPA backends and the compiled FlexAttention (:mod:`diffaccel.bench.runners`),
+environment capture, file naming and the markdown (:mod:`diffaccel.bench.report`) and the command-line options
+(:mod:`diffaccel.bench.options`) are shared with the kernel benchmark. Each measurement is wrapped: a failure
+becomes a row with its reason. Results go under ``--out`` (default ``outputs/bench``).
 
     python benchmarks/bench_locality.py --quick
     diffaccel bench locality --shape flux-1024 wan13-480 cogx-720
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import shlex
 import sys
@@ -38,25 +39,20 @@ from typing import Any
 
 import torch
 
-from diffaccel.bench.kernels import (
+from diffaccel.bench import report
+from diffaccel.bench.kernels import KernelBenchConfig
+from diffaccel.bench.measure import Inputs, make_inputs, measure, progress_bar, reference_rows
+from diffaccel.bench.options import DEFAULT_OUT, common_parser
+from diffaccel.bench.random_masks import MaskModSlot
+from diffaccel.bench.runners import (
     SDPA_BACKENDS,
-    KernelBenchConfig,
-    MaskModSlot,
     Runner,
-    _environment,
-    _finite,
-    _first_line,
-    _fmt,
-    _make_inputs,
-    _measure,
-    _progress,
-    _quiet_eager_flex,
-    _reference_rows,
-    _sdpa_runner,
+    first_line,
     flex_attention_fn,
-    output_stem,
+    quiet_eager_flex,
+    sdpa_runner,
 )
-from diffaccel.bench.shapes import SHAPES, TINY_SHAPES, AttentionShape, get_shape
+from diffaccel.bench.shapes import AttentionShape, get_shape
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import CircleMask, SparseBlockMask, TextSpec
@@ -94,7 +90,7 @@ class LocalityBenchConfig:
 
     shapes: tuple[str, ...] = ()  # empty: every full-size shape on CUDA (2 with quick), every tiny shape otherwise
     methods: tuple[str, ...] = LOCALITY_METHODS
-    out_dir: Path = Path("benchmarks/results")
+    out_dir: Path = DEFAULT_OUT
     tiny: bool = False
     quick: bool = False
     dtype: str = "bfloat16"
@@ -212,7 +208,7 @@ def per_frame_circle_mask_mod(grid: tuple[int, ...], radius: float, text: TextSp
 
 @dataclass
 class MaskCounts:
-    """What the kernel benchmark's rows read from a mask (:class:`diffaccel.bench.kernels.MaskStats`)."""
+    """What the kernel benchmark's rows read from a mask (:class:`diffaccel.bench.random_masks.MaskStats`)."""
 
     kept_pairs: float  # (query, key) pairs the element mask keeps, summed over batch and heads
     density_blocks: float  # fraction of (query block, key block) pairs the method's kernel launch visits
@@ -311,7 +307,7 @@ def _flex_runner(setup: MethodSetup, shape: AttentionShape, scale: float, compil
         return out if inverse is None else out.index_select(2, inverse)
 
     detail = ("torch.compile(flex_attention)" if compiled else "flex_attention (eager)") + f"; {mode}"
-    return Runner(method="flex", call=call, context=contextlib.nullcontext if compiled else _quiet_eager_flex,
+    return Runner(method="flex", call=call, context=contextlib.nullcontext if compiled else quiet_eager_flex,
                   detail=detail), mode  # fmt: skip
 
 
@@ -330,7 +326,7 @@ def _recording(into: list[str]) -> Iterator[None]:
         warnings.simplefilter("always")
         yield
     for w in caught:
-        text = _first_line(w.message)  # type: ignore[arg-type]
+        text = first_line(w.message)  # type: ignore[arg-type]
         if text not in into:
             into.append(text)
 
@@ -347,7 +343,7 @@ def run_locality_bench(config: LocalityBenchConfig) -> dict:
     dtype = getattr(torch, config.dtype)
     result: dict[str, Any] = {
         "kind": "locality",
-        "meta": _environment(shared),
+        "meta": report.environment(shared.device, bool(shared.flex_compile), shared.command),
         "config": {
             "shapes": list(config.shapes), "methods": list(config.methods), "tiny": config.tiny,
             "quick": config.quick, "dtype": config.dtype, "seed": config.seed, "error_rows": config.error_rows,
@@ -360,13 +356,13 @@ def run_locality_bench(config: LocalityBenchConfig) -> dict:
         "with the plan's block mask and the spec's mask_mod otherwise; CLEAR per frame: sequence order, per-frame "
         "mask_mod (see each row's flex_mode)"
     )
-    progress = _progress(total=len(config.shapes) * (1 + len(config.methods)), enabled=config.progress)
+    progress = progress_bar(total=len(config.shapes) * (1 + len(config.methods)), enabled=config.progress)
     try:
         for shape_name in config.shapes:
             shape = get_shape(shape_name)
             scale = 1.0 / math.sqrt(shape.head_dim)
             progress.set_description(f"{shape.name}: inputs")
-            inputs = _make_inputs(shape, shared, dtype, scale)
+            inputs = make_inputs(shape, shared, dtype, scale)
             layout = _layout(shape)
             info = {
                 **shape.as_dict(),
@@ -379,8 +375,8 @@ def run_locality_bench(config: LocalityBenchConfig) -> dict:
             rows: list[dict] = []
             for backend in SDPA_BACKENDS:
                 progress.set_description(f"{shape.name}: sdpa-{backend}")
-                row = _measure(
-                    lambda b=backend: _sdpa_runner(b, scale, shape, dtype, cuda), f"sdpa-{backend}", shape, inputs,
+                row = measure(
+                    lambda b=backend: sdpa_runner(b, scale, shape, dtype, cuda), f"sdpa-{backend}", shape, inputs,
                     shared, density_target=1.0, mask=None, masked_ref=None,
                 )  # fmt: skip
                 rows.append(_locality_row(row, for_method=None))
@@ -402,7 +398,7 @@ def run_locality_bench(config: LocalityBenchConfig) -> dict:
     return result
 
 
-def _measure_method(name: str, shape: AttentionShape, inputs: Any, shared: KernelBenchConfig, scale: float) -> list[dict]:
+def _measure_method(name: str, shape: AttentionShape, inputs: Inputs, shared: KernelBenchConfig, scale: float) -> list[dict]:
     """The method's row and its FlexAttention row; a setup failure becomes both rows' reason."""
     try:
         q, k, v = inputs.sets[0]
@@ -411,15 +407,15 @@ def _measure_method(name: str, shape: AttentionShape, inputs: Any, shared: Kerne
         kept, _ = count_mask(setup.mask_mod, n, setup.method.config.block_size, q.device)
         stats = MaskCounts(kept * shape.batch * shape.heads, setup.plan.kept_block_fraction)
         keep = _row_mask(setup.mask_mod, n, q.device)
-        masked_ref = _reference_rows(q, k, v, inputs.rows, scale, keep=keep)
+        masked_ref = reference_rows(q, k, v, inputs.rows, scale, keep=keep)
     except ConfigError as err:
         return [_skipped(shape, m, name, "skipped", str(err)) for m in (name, "flex")]
     except Exception as err:  # a method that fails to set up must not end the run
-        reason = f"{type(err).__name__}: {_first_line(err)}"
+        reason = f"{type(err).__name__}: {first_line(err)}"
         return [_skipped(shape, m, name, "error", reason) for m in (name, "flex")]
     common = {"params": _jsonable(setup.params), "plan": setup.plan.layout + (" (per frame)" if setup.per_frame else "")}
     warned: list[str] = []
-    method_row = _measure(
+    method_row = measure(
         lambda: _method_runner(name, setup, scale, warned), name, shape, inputs, shared,
         density_target=stats.kept_pairs / (shape.batch * shape.heads * n * n), mask=stats, masked_ref=masked_ref,
     )  # fmt: skip
@@ -433,7 +429,7 @@ def _measure_method(name: str, shape: AttentionShape, inputs: Any, shared: Kerne
         mode.append(text)
         return runner
 
-    flex_row = _measure(
+    flex_row = measure(
         flex_factory, "flex", shape, inputs, shared, density_target=method_row["density_kept"] or 0.0, mask=stats,
         masked_ref=masked_ref,
     )  # fmt: skip
@@ -506,92 +502,12 @@ def _jsonable(value: Any) -> Any:
 
 def write_outputs(result: dict, out_dir: Path | str) -> dict[str, Path]:
     """``<out>/<date>-<device>-locality[-quick|-tiny].json`` and the markdown table next to it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(result)
-    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    document = {**result, "files": {k: p.name for k, p in paths.items()}}
-    paths["json"].write_text(json.dumps(_finite(document), indent=2) + "\n")
-    paths["markdown"].write_text(render_markdown(document))
-    return paths
-
-
-def _params_text(params: dict | None) -> str:
-    if not params:
-        return ""
-    parts = []
-    for k, v in params.items():
-        if v is None or k == "block_size":
-            continue
-        text = "x".join(map(str, v)) if isinstance(v, list) and all(isinstance(x, int) for x in v) else str(v)
-        parts.append(f"{k} {text}")
-    return ", ".join(parts)
+    return report.write_outputs(result, out_dir, plot=False)
 
 
 def render_markdown(result: dict) -> str:
     """One table per shape: each method (as the processor runs it), its Flex row, the SDPA backends."""
-    meta = result["meta"]
-    lines = [
-        f"# Locality benchmark: {meta.get('gpu') or meta['device']} ({meta['date'][:10]})",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, driver {meta['driver']}, "
-        f"cuDNN {meta['cudnn']}",
-        f"- timer: {meta['timer']}; our kernel ran as: {meta['kernel_path']}; FlexAttention: {meta['flex']}",
-        "- methods timed as the attention processor calls them (token permutation gathers included), default "
-        "configuration for the grid",
-        f"- Flex with the same mask: {meta['flex_same_mask']}",
-        f"- error: relative L2 vs {meta['error_reference']}; 'masked' = the method's element mask",
-        "- density kept: (query, key) pairs the mask keeps / all pairs; blocks: key blocks the kernel visits / all",
-        "",
-    ]
-    header = (
-        "| method | plan | parameters | density kept | blocks visited | ms | TFLOP/s dense-eq | TFLOP/s kept "
-        "| ×SDPA | ×Flex | rel. L2 vs masked fp32 | rel. L2 vs dense fp32 | notes |"
-    )
-    for name, info in result["shapes"].items():
-        grid = "x".join(str(g) for g in info["grid"])
-        text = f"{info['text_tokens']} text ({info['text_position']})" if info["text_tokens"] else "no text"
-        lines += [
-            f"## {name}: {info['model']}",
-            "",
-            f"B={info['batch']} H={info['heads']} N={info['tokens']} ({text} + {grid}) d={info['head_dim']}, "
-            f"best SDPA backend: {info.get('sdpa_best') or 'none'}",
-            "",
-            header,
-            "|" + "---|" * 13,
-        ]
-        for r in (r for r in result["rows"] if r["shape"] == name):
-            sp = r.get("speedup", {})
-            label = r["method"] if r["method"] != "flex" else f"flex ({r['for_method']})"
-            notes = list(r.get("notes") or [])
-            if r.get("flex_mode"):
-                notes.insert(0, r["flex_mode"])
-            if r["status"] != "ok":
-                notes.insert(0, f"**{r['status']}**: {r['reason']}")
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        label,
-                        r.get("plan") or "",
-                        _params_text(r.get("params")),
-                        _fmt(r["density_kept"], ".3f"),
-                        _fmt(r["density_blocks"], ".3f"),
-                        _fmt(r["ms"], ".3f"),
-                        _fmt(r["tflops_dense_equiv"], ".4g"),
-                        _fmt(r["tflops_kept"], ".4g"),
-                        _fmt(sp.get("sdpa"), ".2f"),
-                        _fmt(sp.get("flex"), ".2f"),
-                        _fmt(r["rel_l2_vs_masked_fp32"], ".2e"),
-                        _fmt(r["rel_l2_vs_dense_fp32"], ".2e"),
-                        "; ".join(notes).replace("|", "\\|"),
-                    ]
-                )
-                + " |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+    return report.render_locality_markdown(result)
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
@@ -599,37 +515,30 @@ def render_markdown(result: dict) -> str:
 
 def build_arg_parser(prog: str = "diffaccel bench locality") -> argparse.ArgumentParser:
     """The option parser of the locality benchmark (the CLI and benchmarks/bench_locality.py)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Time the locality methods' attention (GNA, tile, CLEAR, MSW-MSA) as the processor runs it, "
+    return common_parser(
+        prog,
+        "Time the locality methods' attention (GNA, tile, CLEAR, MSW-MSA) as the processor runs it, "
         "against SDPA (best backend) and FlexAttention with the same mask; write JSON and markdown.",
+        methods=LOCALITY_METHODS,
+        quick_help="short run: flux-1024 and wan13-480, fewer repetitions",
     )
-    all_shapes = [*SHAPES, *TINY_SHAPES]
-    parser.add_argument("--shape", nargs="+", default=[], metavar="NAME", help=f"shapes to run, from {all_shapes}")
-    parser.add_argument("--method", nargs="+", default=list(LOCALITY_METHODS), choices=LOCALITY_METHODS, metavar="M",
-                        help=f"methods, from {list(LOCALITY_METHODS)}")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes only (implied without CUDA)")
-    parser.add_argument("--quick", action="store_true", help="short run: flux-1024 and wan13-480, fewer repetitions")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--error-rows", type=int, default=None, help="query rows per head for the error")
-    parser.add_argument("--no-flex-compile", action="store_true", help="run FlexAttention eagerly")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
+
+
+def config_from_args(args: argparse.Namespace, command: str | None = None) -> LocalityBenchConfig:
+    """The configuration that parsed options describe (``command`` is recorded in the JSON)."""
+    return LocalityBenchConfig(
+        shapes=tuple(args.shape), methods=tuple(args.method), out_dir=args.out, tiny=args.tiny, quick=args.quick,
+        dtype=args.dtype, seed=args.seed, error_rows=args.error_rows,
+        flex_compile=False if args.no_flex_compile else None, device=args.device, progress=not args.no_progress,
+        command=command,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "diffaccel bench locality") -> dict:
     """Parse ``argv``, run, print a one-line summary per shape and where the results went; return the result."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_arg_parser(prog).parse_args(argv)
-    config = LocalityBenchConfig(
-        shapes=tuple(args.shape), methods=tuple(args.method), out_dir=args.out, tiny=args.tiny, quick=args.quick,
-        dtype=args.dtype, seed=args.seed, error_rows=args.error_rows,
-        flex_compile=False if args.no_flex_compile else None, progress=not args.no_progress,
-        command=" ".join([prog, shlex.join(argv)]).strip(),
-    )  # fmt: skip
-    result = run_locality_bench(config)
+    result = run_locality_bench(config_from_args(args, command=" ".join([prog, shlex.join(argv)]).strip()))
     for name, info in result["shapes"].items():
         parts = []
         for r in result["rows"]:
