@@ -128,8 +128,10 @@ def check_layer_override(method: str, opt: Option) -> None:
         default = call(method, opt.base, sc, q, k, v)
         assert_close(overridden, direct, SAME)
         assert_differs(overridden, default)
-        other = call(method, {**opt.base, "layer_overrides": opt.value}, sc, q, k, v, layer="transformer_blocks.1.attn")
-        assert_close(other, default, SAME)
+        # a layer the pattern does not match keeps that layer's defaults (MSW's shifts depend on the layer name)
+        other_layer = "transformer_blocks.1.attn"
+        other = call(method, {**opt.base, "layer_overrides": opt.value}, sc, q, k, v, layer=other_layer)
+        assert_close(other, call(method, opt.base, sc, q, k, v, layer=other_layer), SAME)
 
 
 def check_two_levels(method: str, opt: Option) -> None:
@@ -157,6 +159,20 @@ def check_two_levels(method: str, opt: Option) -> None:
     dense = F.scaled_dot_product_attention(*half)
     assert_close(outs["default"], dense, SAME)
     assert_differs(outs["option"], dense)
+
+
+def check_cyclic_shifts(method: str, opt: Option) -> None:
+    """``cyclic``: the shift index is ``step mod 4``, so outputs repeat every 4 steps and steps 0-3 all differ (on
+    windows of 5x6 tokens the 4 shifts move them by 0-3 tokens); the seeded random draw differs on some step."""
+    for sc in scenarios(opt.scenario):
+        q, k, v = sc.inputs()
+        cyclic = [call(method, {**opt.base, "shift_policy": opt.value}, sc, q, k, v, step=s) for s in range(8)]
+        drawn = [call(method, opt.base, sc, q, k, v, step=s) for s in range(8)]
+        for s in range(4):
+            assert_close(cyclic[s + 4], cyclic[s], SAME)
+            for t in range(s):
+                assert_differs(cyclic[s], cyclic[t])
+        assert max((a - b).abs().max().item() for a, b in zip(cyclic, drawn)) > DIFFERS
 
 
 def check_fp32_logits(method: str, opt: Option) -> None:
@@ -255,8 +271,8 @@ OPTIONS: dict[tuple[str, str], Option] = {
     **locality_rows("msw", scenario=WIDE2D, base={"backend": "reference"}, override=("window", 3)),
     ("msw", "window"): Option(3, "output", "3x3 windows instead of HiDiffusion's 2x2 grid of windows", WIDE2D,
                               {"backend": "reference"}),
-    ("msw", "shift_policy"): Option("cyclic", "output", "other shifts than the seeded random draw on some step",
-                                    WIDE2D, {"backend": "reference"}, steps=tuple(range(8))),
+    ("msw", "shift_policy"): Option("cyclic", "custom", "shift index = step mod 4", WIDE2D, {"backend": "reference"},
+                                    check=check_cyclic_shifts),
     ("msw", "seed"): Option(1, "output", "other random shifts on some step", WIDE2D, {"backend": "reference"},
                             steps=tuple(range(8))),
     ("msw", "max_downsample"): Option(2, "custom", "windows the half-size UNet level too",
