@@ -238,11 +238,15 @@ TRITON_CASES: list[tuple[Config, int]] = [
 
 @pytest.mark.parametrize("config,block_size", TRITON_CASES, ids=lambda x: case_id(x) if isinstance(x, tuple) else str(x))
 def test_triton_kernel_matches_natten(config, block_size):
+    """Interpreted on the CPU (conftest sets TRITON_INTERPRET=1 there), compiled on a CUDA machine."""
     grid, ks, st, dl, ca = config
     q, k, v = qkv(math.prod(grid), batch=1)
     want = natten_op(q, k, v, config)
-    got = fn.neighborhood_attention(q, k, v, grid, ks, st, dl, ca, block_size=block_size, backend="triton")
-    assert_close(got, want)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qd, kd, vd = (t.to(device) for t in (q, k, v))
+    got = fn.neighborhood_attention(qd, kd, vd, grid, ks, st, dl, ca, block_size=block_size, backend="triton")
+    # float32 runs IEEE dots in the compiled kernel too; the GPU bound is not measured yet (no device was lent)
+    assert_close(got.cpu(), want, TOL if device == "cpu" else 1e-5)
 
 
 def split_text(x: torch.Tensor, num_text: int, position: str) -> tuple[torch.Tensor, torch.Tensor]:
