@@ -228,7 +228,7 @@ def violations(root: Path, allowed: set[tuple[str, str]] = frozenset()) -> list[
 # ----------------------------------------------------------------------------------------------- the package
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: fixed when the sparse and adapter slices merge")
+
 def test_every_import_points_down_the_layers():
     found = violations(PACKAGE_ROOT, ALLOWED_BACK_EDGES)
     assert not found, f"{len(found)} layer violation(s):\n  " + "\n  ".join(found)
