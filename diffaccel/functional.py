@@ -35,8 +35,7 @@ from diffaccel.sparse.checks import (
     neighborhood_parameters,
 )
 from diffaccel.sparse.checks import per_dim as _per_dim
-from diffaccel.sparse.per_frame import per_frame_circle_attention
-from diffaccel.sparse.plans import run_spec
+from diffaccel.sparse.run import per_frame_circle_attention, run_spec
 from diffaccel.sparse.text import text_spec_for
 
 IntOrTuple = int | Sequence[int]

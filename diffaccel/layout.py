@@ -39,6 +39,9 @@ class TokenLayout:
             1 on DiTs and on a UNet's highest-resolution level, 2, 4, ... on the lower UNet levels.
         hierarchical: the grid is one level of a multi-resolution denoiser (a UNet), not the single token grid of
             a transformer.
+        finest_downsample: the smallest ``downsample`` of any self-attention level of this denoiser: 1 on DiTs and
+            SD 1.x/2.x, 2 on SDXL (its full-resolution level has no attention). Methods whose default is "the
+            highest-resolution attention level" (AgentSD, HiDiffusion) compare ``downsample`` with it.
     """
 
     num_tokens: int
@@ -49,6 +52,7 @@ class TokenLayout:
     text_lengths: tuple[int, ...] | None = None
     downsample: int = 1
     hierarchical: bool = False
+    finest_downsample: int = 1
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:
@@ -84,6 +88,11 @@ class TokenLayout:
             object.__setattr__(self, "text_lengths", lengths)
         if isinstance(self.downsample, bool) or not isinstance(self.downsample, int) or self.downsample < 1:
             raise LayoutError(f"downsample must be an integer >= 1, got {self.downsample!r}")
+        finest = self.finest_downsample
+        if isinstance(finest, bool) or not isinstance(finest, int) or not 1 <= finest <= self.downsample:
+            raise LayoutError(
+                f"finest_downsample must be an integer in [1, downsample={self.downsample}], got {finest!r}"
+            )
 
     @property
     def num_text(self) -> int:

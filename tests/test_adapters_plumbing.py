@@ -59,6 +59,27 @@ def test_unet_layouts_say_level_and_factor(size):
         assert downsampled_level(size, lay.num_tokens) == (lay.grid, lay.downsample)
 
 
+def test_unet_layouts_say_the_finest_attention_level():
+    """finest_downsample is the smallest factor of the forward's self-attention levels: 1 when the full-resolution
+    level has attention, 2 on an SDXL-like UNet whose first attention level is 2x down (the tiny SDXL)."""
+    model, inputs = tiny_unet(), unet_inputs(8, 8)
+    method = Recording()
+    diffaccel.apply(model, method)
+    run(model, inputs)
+    assert {lay.finest_downsample for lay in method.self_layouts()} == {1}
+    pipe = build_tiny("tiny-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    method = Recording()
+    diffaccel.apply(pipe, method)
+    for _ in range(2):  # a second run: per forward, not "smallest ever seen"
+        method.calls.clear()
+        pipe("a", num_inference_steps=1, height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0))
+        layouts = method.self_layouts()
+        assert layouts and min(lay.downsample for lay in layouts) == 2
+        assert {lay.finest_downsample for lay in layouts} == {2}
+    diffaccel.remove(pipe)
+
+
 def test_unet_level_without_the_hook():
     """A bare set_attn_processor has no latent grid: the first (largest) self-attention grid stands for it."""
     model, inputs = tiny_unet(), unet_inputs(8, 8)

@@ -10,7 +10,7 @@ width: all different, so a transposed grid would be caught); prompts have 7 toke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest

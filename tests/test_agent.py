@@ -335,12 +335,16 @@ def test_agentsd_only_in_highest_resolution_level():
     ql, kl, vl = qkv(1, 2, 64, 8)
     assert (method(qh, kh, vh, high, ctx) - softmax_attention(qh, kh, vh, 8**-0.5)).abs().max() > 1e-3
     assert_close(method(ql, kl, vl, low, ctx), softmax_attention(ql, kl, vl, 8**-0.5), 1e-5)
-    # SDXL-like model: the first attention level is already downsampled 2x. The level is the adapter's
-    # layout.downsample (no "smallest factor seen" state): the default (None = 1) and 1 keep it exact, 2 changes it.
-    for limit, active in ((None, False), (1, False), (2, True), (3, True)):
+    # SDXL-like model: the first attention level is already downsampled 2x, which the adapter says with
+    # layout.finest_downsample=2: the default (None) changes that level, max_downsample=1 does not, 2 and 3 do.
+    sdxl_low = TokenLayout(64, (8, 8), downsample=2, hierarchical=True, finest_downsample=2)
+    for limit, active in ((None, True), (1, False), (2, True), (3, True)):
         m = get_method("agent", mode="agentsd", use_rand=False, max_downsample=limit)
-        changed = (m(ql, kl, vl, low, agentsd_ctx((16, 16))) - softmax_attention(ql, kl, vl, 8**-0.5)).abs().max()
+        changed = (m(ql, kl, vl, sdxl_low, agentsd_ctx((16, 16))) - softmax_attention(ql, kl, vl, 8**-0.5)).abs().max()
         assert (changed > 1e-3) == active
+    # ...while on an SD 1.x-like model (finest 1) the default leaves the 2x level exact.
+    m = get_method("agent", mode="agentsd", use_rand=False)
+    assert_close(m(ql, kl, vl, low, agentsd_ctx((16, 16))), softmax_attention(ql, kl, vl, 8**-0.5), 1e-5)
 
 
 def test_random_destinations_are_seeded_and_off_for_odd_batches():
@@ -422,14 +426,16 @@ def test_agentsd_on_unets(name):
     diffaccel.apply(pipe, AdapterFields(recorder, unet=True))
     agent = _latents(pipe, name, **size)
     _check_recorded_agentsd(recorder, method.config)
-    diffaccel.apply(pipe, AdapterFields(get_method("agent"), unet=True))  # default max_downsample: level 1 only
-    untouched = _latents(pipe, name, **size)
+    # The default (max_downsample=None) is the highest-resolution level with attention, the adapter's
+    # finest_downsample: here the 2x level, so it equals max_downsample=2; max_downsample=1 changes nothing.
+    diffaccel.apply(pipe, get_method("agent", use_rand=False))
+    default = _latents(pipe, name, **size)
     diffaccel.apply(pipe, AdapterFields(get_method("agent", max_downsample=1), unet=True))
     untouched_1 = _latents(pipe, name, **size)
     diffaccel.remove(pipe)
     assert torch.isfinite(agent).all()
     assert (agent - dense).abs().max() > 1e-4
-    torch.testing.assert_close(untouched, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(default, agent, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(untouched_1, dense, rtol=1e-4, atol=1e-5)
 
 

@@ -267,3 +267,18 @@ def test_shared_options_reach_both_configurations():
     assert locality.config_from_args(locality.build_arg_parser().parse_args([])).methods == locality.LOCALITY_METHODS
     with pytest.raises(SystemExit):
         locality.build_arg_parser().parse_args(["--density", "0.5"])  # kernel-only option
+
+
+def test_ours_rows_time_the_triton_kernel_not_the_sdpa_shortcut(monkeypatch):
+    """At density 1 the public entry would hand the call to SDPA; the 'ours' rows must time our kernel."""
+    import diffaccel.kernels as kernels
+    from diffaccel.bench.runners import OURS_METHODS, ours_runner
+    from diffaccel.kernels import SparseBlockMask
+
+    seen = []
+    monkeypatch.setattr(kernels, "block_sparse_attention", lambda *a, **kw: seen.append(kw))
+    mask = type("M", (), {"kernel": SparseBlockMask.dense(64, 64, 32)})()
+    q = torch.randn(1, 1, 64, 16)
+    for method in OURS_METHODS:
+        ours_runner(method, mask, 0.25).call(q, q, q)
+    assert len(seen) == len(OURS_METHODS) and all(kw.get("dense_fast_path") is False for kw in seen)

@@ -16,7 +16,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 LAYERS = ("app", "pipelines", "methods", "functional", "sparse", "kernels", "base")
 """Top to bottom. ``app``: what a person runs (the top-level package with ``apply``, the CLI, ``run``, benchmarks,

@@ -11,7 +11,7 @@ from diffaccel.kernels.reference import (
     quantize_per_block_reference,
     quantize_per_channel_reference,
 )
-from kernel_helpers import DEVICE, bias, qkv, ratio_bias, rel_err, run
+from kernel_helpers import DEVICE, bias, ratio_bias, rel_err, run
 
 def outlier_qkv(b, h, n, d, dtype=torch.float32):
     """Random normal Q, K, V with a few large-offset channels in K (the case K smoothing is for)."""

@@ -55,12 +55,13 @@ class Scenario:
     grid: tuple[int, ...]
     text: str | None  # "prefix", "suffix" or None
     num_steps: int | None = 10
+    hierarchical: bool = False  # a UNet level (the adapter says so through TokenLayout.hierarchical)
 
     def layout(self) -> TokenLayout:
         nv = math.prod(self.grid)
         nt = TEXT if self.text else 0
         text = None if not self.text else slice(0, nt) if self.text == "prefix" else slice(nv, nv + nt)
-        return TokenLayout(nv + nt, self.grid, text=text)
+        return TokenLayout(nv + nt, self.grid, text=text, hierarchical=self.hierarchical)
 
     def ctx(self, step: int = 0) -> RunContext:
         return RunContext(grid=self.grid, text_len=TEXT if self.text else None, step=step, timestep=1000.0 - step,
@@ -83,7 +84,9 @@ SCENARIOS = {JOINT2D: ((5, 7), True), JOINT3D: ((3, 5, 7), True), WIDE2D: ((9, 1
 
 def scenarios(name: str) -> list[Scenario]:
     grid, joint = SCENARIOS[name]
-    return [Scenario(grid, pos) for pos in ("prefix", "suffix")] if joint else [Scenario(grid, None)]
+    if joint:
+        return [Scenario(grid, pos) for pos in ("prefix", "suffix")]
+    return [Scenario(grid, None, hierarchical=name == IMAGE2D)]
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -261,6 +264,8 @@ OPTIONS: dict[tuple[str, str], Option] = {
                                 base={"backend": "reference"}),
     ("clear", "video"): Option("ball", "output", "3-D ball instead of per-frame circles", JOINT3D,
                                {"backend": "reference", "radius": 2.0}),
+    ("clear", "train_tokens"): Option(64, "output", "another training token count changes the proportional scale",
+                                      base={"backend": "reference", "radius": 2.0, "proportional_attention": True}),
     ("clear", "proportional_attention"): Option(True, "output", "CLEAR's resolution-dependent softmax scale",
                                                 base={"backend": "reference", "radius": 2.0}),
     ("clear", "weights"): Option("weights", "custom", "the distilled projections are installed on apply",

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import diffaccel.sparse.plans as plans_module
+import diffaccel.sparse.run as run_module
 from diffaccel import functional as fn
 from diffaccel.context import RunContext
 from diffaccel.layout import TokenLayout
@@ -217,13 +217,13 @@ def test_two_layers_with_different_configurations_in_one_method(name, base, over
 
 def test_block_size_and_backend_reach_the_kernel(monkeypatch):
     seen = []
-    real = plans_module.block_sparse_attention_unchecked
+    real = run_module.block_sparse_attention_unchecked
 
     def spy(q, k, v, block_mask, **kwargs):
         seen.append((block_mask.q_block_size, kwargs["backend"]))
         return real(q, k, v, block_mask, **kwargs)
 
-    monkeypatch.setattr(plans_module, "block_sparse_attention_unchecked", spy)
+    monkeypatch.setattr(run_module, "block_sparse_attention_unchecked", spy)
     lay = layout((8, 8), 2)
     outs = []
     for block_size, backend in ((16, "reference"), (32, "triton"), (64, "auto")):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import diffaccel.sparse.plans as plans_module
+import diffaccel.sparse.run as run_module
 from diffaccel.context import RunContext
 from diffaccel.kernels import (
     CircleMask,
@@ -29,7 +30,8 @@ from diffaccel.methods.base import get_method, sdpa
 from diffaccel.sparse import merge_by_lse
 from diffaccel.sparse.per_frame import per_frame_circle_mask_mod, per_frame_plan
 from diffaccel.sparse.permutations import full_order
-from diffaccel.sparse.plans import AttentionPlan, classify_in_order, plan_for, run_plan
+from diffaccel.sparse.plans import AttentionPlan, classify_in_order, plan_for
+from diffaccel.sparse.run import run_plan
 
 BACKENDS = ["reference", "triton"]
 
@@ -155,13 +157,13 @@ def test_per_frame_plan_equals_the_per_frame_definition(grid, text, layout, back
 
 def test_per_frame_on_aligned_frames_is_one_kernel_launch(monkeypatch):
     calls = []
-    real = plans_module.block_sparse_attention_unchecked
+    real = run_module.block_sparse_attention_unchecked
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("token_order"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plans_module, "block_sparse_attention_unchecked", spy)
+    monkeypatch.setattr(run_module, "block_sparse_attention_unchecked", spy)
     grid, text = (2, 4, 8), TextSpec(6, "prefix")
     q, k, v = qkv(70)
     run_plan(q, k, v, per_frame_plan(grid, 2.0, text, 16, "cpu"), scale=None, backend="reference")
@@ -201,7 +203,7 @@ class Counter:
 def pass_counter(monkeypatch):
     """Counts index_select / gather calls outside and inside the kernel entry."""
     counter = Counter()
-    real_entry = plans_module.block_sparse_attention_unchecked
+    real_entry = run_module.block_sparse_attention_unchecked
 
     def entry(*args, **kwargs):
         counter.depth += 1
@@ -220,7 +222,7 @@ def pass_counter(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(plans_module, "block_sparse_attention_unchecked", entry)
+    monkeypatch.setattr(run_module, "block_sparse_attention_unchecked", entry)
     monkeypatch.setattr(torch.Tensor, "index_select", counting(torch.Tensor.index_select))
     monkeypatch.setattr(torch, "index_select", counting(torch.index_select))
     monkeypatch.setattr(torch.Tensor, "gather", counting(torch.Tensor.gather))
@@ -273,6 +275,7 @@ def test_steady_state_is_one_cached_plan_no_rebuild_no_host_sync(monkeypatch, na
         real = getattr(torch.Tensor, what)
         monkeypatch.setattr(torch.Tensor, what, lambda self, *a, _r=real, _w=what, **kw: syncs.append(_w) or _r(self, *a, **kw))
     monkeypatch.setattr(plans_module, "plan_for", lambda *a, **kw: pytest.fail("a plan was rebuilt"))
+    monkeypatch.setattr(run_module, "plan_for", lambda *a, **kw: pytest.fail("a plan was rebuilt"))
     for _ in range(3):
         again = method(q, k, v, lay, ctx)
     monkeypatch.undo()

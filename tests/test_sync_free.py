@@ -116,7 +116,7 @@ def test_dense_forward_reads_nothing_after_the_first_step(name, monkeypatch):
 
 def test_the_guard_catches_a_read(monkeypatch):
     """The guard can fail: a method that reads a value on the host in every call is caught."""
-    from diffaccel.methods.base import MethodBase, register_method, sdpa
+    from diffaccel.methods.base import MethodBase, sdpa
 
     class Reading(MethodBase):
         name = "test-host-read"

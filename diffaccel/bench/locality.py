@@ -189,7 +189,7 @@ _SETUP_NOTES = {"clear": ("training-free (no distilled CLEAR weights): speed and
 
 def per_frame_circle_mask_mod(grid: tuple[int, ...], radius: float, text: TextSpec | None) -> Callable:
     """CLEAR per frame as one ``mask_mod`` over the sequence: visual pairs in the same frame within the 2-D
-    circle, text rows and columns dense (what :func:`diffaccel.methods._locality.per_frame_circle_attention`
+    circle, text rows and columns dense (what :func:`diffaccel.sparse.run.per_frame_circle_attention`
     computes by folding frames into the batch)."""
     frames, height, width = grid
     hw, nv = height * width, frames * height * width

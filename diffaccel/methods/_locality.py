@@ -37,7 +37,8 @@ from diffaccel.methods.base import (
     sdpa,
 )
 from diffaccel.sparse.checks import check_block_size
-from diffaccel.sparse.plans import AttentionPlan, run_plan
+from diffaccel.sparse.plans import AttentionPlan
+from diffaccel.sparse.run import run_plan
 from diffaccel.warn import warn_once
 
 # ----------------------------------------------------------------------------------------------- configs

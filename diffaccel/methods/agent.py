@@ -87,8 +87,8 @@ class AgentConfig(MethodConfig):
     late_tome: bool = field(default=True, metadata=config_help(
         "agentsd: after the agent steps keep ToMe merging (upstream recipe); False runs exact attention"))
     max_downsample: int | None = field(default=None, metadata=config_help(
-        "agentsd: deepest UNet level (layout.downsample: latent/level size) to change; None: 1, the latent-"
-        "resolution level (SD 1.x, upstream's default); SDXL's first attention level is 2"))
+        "agentsd: deepest UNet level (layout.downsample: latent/level size) to change; None: the highest-"
+        "resolution level that has attention (1 on SD 1.x as upstream, 2 on SDXL)"))
     metric: str = field(default="keys", metadata=config_help(
         "agentsd: token similarity for merging ('keys' as in ToMe; AgentSD uses the block input, which an "
         "attention processor does not see)"))
@@ -216,8 +216,9 @@ class AgentMethod(MethodBase):
         return ctx.step < round(fraction * ctx.num_steps)
 
     def _in_high_resolution_level(self, layout: TokenLayout, ctx: RunContext) -> bool:
-        """``layout.downsample <= max_downsample`` (default 1: the latent-resolution level), from the adapter."""
-        limit = 1 if self.config.max_downsample is None else self.config.max_downsample
+        """``layout.downsample <= max_downsample``; by default the highest-resolution attention level
+        (``layout.finest_downsample``: 1 on SD 1.x, 2 on SDXL), both from the adapter."""
+        limit = layout.finest_downsample if self.config.max_downsample is None else self.config.max_downsample
         return layout.downsample <= limit
 
     def _generator(self, ctx: RunContext, batch: int, device: torch.device) -> torch.Generator | None:

@@ -32,7 +32,8 @@ from diffaccel.methods._locality import LocalityConfig, LocalityMethod
 from diffaccel.methods.base import check_choice, check_positive_int, config_help, register_method
 from diffaccel.sparse.checks import check_radius
 from diffaccel.sparse.per_frame import per_frame_plan
-from diffaccel.sparse.plans import AttentionPlan, plan_for, run_plan
+from diffaccel.sparse.plans import AttentionPlan, plan_for
+from diffaccel.sparse.run import run_plan
 from diffaccel.sparse.text import layout_text_spec
 from diffaccel.warn import warn_once
 

@@ -9,9 +9,9 @@ global.
 
 Levels: the adapter tells the UNet level of a call (``layout.downsample``: how many times smaller its grid is than
 the latent grid; ``layout.hierarchical``). A level is windowed when ``downsample <= max_downsample``; the default
-(None) is 1, the latent-resolution level: SD 1.5/2.1's ``down_blocks.0`` and ``up_blocks.3`` as in HiDiffusion.
-SDXL has no attention at that level; HiDiffusion windows its 2x level (``down_blocks.1``, ``up_blocks.1``): set
-``max_downsample=2``. On a DiT every layer has the latent grid
+(None) is the highest-resolution level that has attention (``layout.finest_downsample``, from the adapter): SD
+1.5/2.1's ``down_blocks.0`` and ``up_blocks.3`` (factor 1), SDXL's ``down_blocks.1`` and ``up_blocks.1`` (factor 2,
+since SDXL has no attention at full resolution), as in HiDiffusion. On a DiT every layer has the latent grid
 (downsample 1), so every self/joint attention is windowed, with text tokens global (an extension: HiDiffusion is
 UNet-only). On a video grid the windows cover all frames and split height and
 width.
@@ -50,7 +50,8 @@ class MSWConfig(LocalityConfig):
     ``shift_policy``: ``"random"`` draws the shift index uniformly (upstream), ``"no_repeat"`` never repeats the
     previous step's index in a layer (the ComfyUI port ``blepping/comfyui_jankhidiffusion``), ``"cyclic"`` takes
     ``step mod 4``. ``max_downsample``: window every level whose grid is at most that factor below the latent grid
-    (``layout.downsample``); None means 1, the latent-resolution level (SD 1.x upstream; SDXL upstream is 2).
+    (``layout.downsample``); None means the highest-resolution attention level (``layout.finest_downsample``: 1 on SD 1.x, 2 on SDXL, as
+    upstream).
     """
 
     window: int | tuple[int, ...] | None = field(default=None, metadata=config_help(
@@ -59,8 +60,8 @@ class MSWConfig(LocalityConfig):
         "'random' (upstream, seeded), 'no_repeat' (never the previous step's shift) or 'cyclic' (step mod 4)"))
     seed: int = field(default=0, metadata=config_help("seed of the shift draws"))
     max_downsample: int | None = field(default=None, metadata=config_help(
-        "deepest UNet level (latent/level size) to window; None: 1, the latent-resolution level (SD 1.x as "
-        "upstream; set 2 for SDXL, whose first attention level is 2x down)"))
+        "deepest UNet level (latent/level size) to window; None: the highest-resolution level "
+        "that has attention (1 on SD 1.x, 2 on SDXL, as upstream)"))
 
     def validate(self) -> None:
         super().validate()
@@ -116,8 +117,9 @@ class MSWMethod(LocalityMethod):
     config: MSWConfig
 
     def windowed_level(self, layout: TokenLayout, cfg: MSWConfig) -> bool:
-        """Whether the call's UNet level is windowed: ``layout.downsample <= max_downsample`` (default 1)."""
-        limit = 1 if cfg.max_downsample is None else cfg.max_downsample
+        """Whether the call's UNet level is windowed: ``layout.downsample <= max_downsample``; by default the
+        highest-resolution attention level (``layout.finest_downsample``)."""
+        limit = layout.finest_downsample if cfg.max_downsample is None else cfg.max_downsample
         return layout.downsample <= limit
 
     def shift_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> tuple[int, ...]:

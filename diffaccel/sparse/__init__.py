@@ -8,7 +8,8 @@ layout, context, errors and warn.
 """
 
 from diffaccel.sparse.merge import merge_by_lse
-from diffaccel.sparse.plans import AttentionPlan, classify_in_order, dense_block_mask, plan_for, run_plan, run_spec
+from diffaccel.sparse.plans import AttentionPlan, classify_in_order, dense_block_mask, plan_for
+from diffaccel.sparse.run import run_plan, run_spec
 from diffaccel.sparse.text import layout_text_spec, text_spec_for
 
 __all__ = [

@@ -21,21 +21,18 @@ from typing import Callable
 
 import torch
 
-from diffaccel.kernels import block_sparse_attention_unchecked
 from diffaccel.kernels.masks import CircleMask, SparseBlockMask, TextSpec
 from diffaccel.sparse.checks import check_block_size
-from diffaccel.sparse.merge import merge_by_lse
 from diffaccel.sparse.permutations import full_order
 from diffaccel.sparse.plans import (
     AttentionPlan,
     FoldedFrames,
     classify_in_order,
-    dense_attention,
     dense_block_mask,
     plan_for,
 )
 
-__all__ = ["per_frame_circle_attention", "per_frame_circle_mask_mod", "per_frame_plan", "run_folded"]
+__all__ = ["per_frame_circle_mask_mod", "per_frame_plan"]
 
 
 def per_frame_circle_mask_mod(grid: tuple[int, int, int], radius: float, text: TextSpec | None) -> Callable:
@@ -94,54 +91,3 @@ def _per_frame_cached(
     return AttentionPlan("per-frame", bm, order_dev, spec=spec, mask_mod=mask_mod)
 
 
-def run_folded(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None, backend: str
-) -> torch.Tensor:
-    """Run a folded per-frame plan: frames folded into the batch, text merged by log-sum-exp."""
-    assert plan.folded is not None and plan.block_mask is not None
-    grid, text = plan.folded.grid, plan.folded.text
-    B, H, N, D = q.shape
-    F_, Hh, W = grid
-    hw = Hh * W
-    nv, nt = F_ * hw, (0 if text is None else text.length)
-    prefix = text is not None and text.position == "prefix"
-    vis = slice(nt, N) if prefix else slice(0, nv)
-    txt = slice(0, nt) if prefix else slice(nv, N)
-
-    def fold(t: torch.Tensor) -> torch.Tensor:
-        return t[:, :, vis].unflatten(2, (F_, hw)).transpose(1, 2).reshape(B * F_, H, hw, D)
-
-    out_local, lse_local = block_sparse_attention_unchecked(
-        fold(q), fold(k), fold(v), plan.block_mask, scale=scale, return_lse=True, backend=backend
-    )
-    out_local = out_local.reshape(B, F_, H, hw, D).transpose(1, 2).reshape(B, H, nv, D)
-    lse_local = lse_local.reshape(B, F_, H, hw).transpose(1, 2).reshape(B, H, nv)
-    if nt == 0:
-        return out_local
-    q_vis = q[:, :, vis]
-    text_mask = dense_block_mask(nv, nt, plan.block_mask.q_block_size, q.device)
-    out_text, lse_text = block_sparse_attention_unchecked(
-        q_vis, k[:, :, txt], v[:, :, txt], text_mask, scale=scale, return_lse=True, backend=backend
-    )
-    out = torch.empty_like(q)
-    out[:, :, vis] = merge_by_lse([(out_local, lse_local), (out_text, lse_text)], q.dtype)
-    out[:, :, txt] = dense_attention(q[:, :, txt], k, v, scale=scale)
-    return out
-
-
-def per_frame_circle_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    grid: tuple[int, int, int],
-    radius: float,
-    text: TextSpec | None,
-    *,
-    block_size: int,
-    scale: float | None,
-    backend: str,
-) -> torch.Tensor:
-    """CLEAR's per-frame circle on a video sequence (see the module docstring), through its cached plan."""
-    from diffaccel.sparse.plans import run_plan
-
-    return run_plan(q, k, v, per_frame_plan(grid, radius, text, block_size, q.device), scale=scale, backend=backend)

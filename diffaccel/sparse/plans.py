@@ -19,13 +19,12 @@ Validation happens here, once per plan; methods then call the unchecked kernel e
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from diffaccel.kernels import block_sparse_attention_unchecked
 from diffaccel.kernels.masks import (
     CircleMask,
     MaskSpec,
@@ -51,8 +50,6 @@ __all__ = [
     "dense_attention",
     "dense_block_mask",
     "plan_for",
-    "run_plan",
-    "run_spec",
 ]
 
 
@@ -286,38 +283,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if scale is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
-
-
-def run_plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: AttentionPlan,
-    *,
-    scale: float | None,
-    backend: str,
-) -> torch.Tensor:
-    """Attention of ``q`` over ``k``/``v`` under ``plan``: one kernel call (two for a folded per-frame plan).
-
-    Tensors are ``(batch, heads, tokens, head_dim)``; arguments are not re-validated (the plan was).
-    """
-    if plan.block_mask is None:
-        return dense_attention(q, k, v, scale=scale)
-    if plan.folded is not None:
-        from diffaccel.sparse.per_frame import run_folded
-
-        return run_folded(q, k, v, plan, scale=scale, backend=backend)
-    return block_sparse_attention_unchecked(
-        q, k, v, plan.block_mask, scale=scale, token_order=plan.order, backend=backend
-    )
-
-
-def run_spec(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, *, block_size: int, scale: float | None,
-    backend: str,
-) -> torch.Tensor:
-    """Plan ``spec`` (cached) and run it."""
-    return run_plan(q, k, v, plan_for(spec, block_size, q.device), scale=scale, backend=backend)
 
 
 def dense_block_mask(q_len: int, kv_len: int, block_size: int, device: torch.device | str) -> SparseBlockMask:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from diffaccel.kernels.masks._triton import jit, tl
 from diffaccel.kernels.masks.base import KIND_CIRCLE, MaskSpec, TextSpec, _check_grid

@@ -7,8 +7,6 @@ dimensions.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -59,6 +59,21 @@ class UNetAttentionAdapter(Adapter):
         # their factor. Per run context: (layer of the forward's first call, largest grid); that layer seen again
         # means a new forward, whose resolution may differ.
         self._largest: weakref.WeakKeyDictionary[RunContext, tuple[str | None, Grid]] = weakref.WeakKeyDictionary()
+        # Per run context: (denoiser forward, smallest factor of its self-attention calls so far). A UNet runs its
+        # down path first, so the forward's first self-attention call is at its highest-resolution attention level.
+        self._finest: weakref.WeakKeyDictionary[RunContext, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+    def _finest_factor(self, ctx: RunContext, factor: int) -> int:
+        """The smallest factor of the current forward's self-attention levels (``TokenLayout.finest_downsample``).
+
+        Without the hook, factors are measured from the forward's first (largest) grid, so the finest is 1.
+        """
+        if ctx.denoiser_calls == 0:
+            return 1
+        seen = self._finest.get(ctx)
+        finest = factor if seen is None or seen[0] != ctx.denoiser_calls else min(seen[1], factor)
+        self._finest[ctx] = (ctx.denoiser_calls, finest)
+        return finest
 
     def _level(self, ctx: RunContext, num_tokens: int, shape4d: tuple[int, ...] | None) -> tuple[Grid, int]:
         """The grid of a self-attention call and its factor versus the latent grid (``TokenLayout.downsample``)."""
@@ -130,7 +145,8 @@ class UNetAttentionAdapter(Adapter):
         else:
             grid, factor = self._level(ctx, num_tokens, shape4d)
             layout = TokenLayout(
-                num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True)
+                num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True),
+                finest_downsample=self._finest_factor(ctx, factor),
             )
         return Projected(
             query, key, value, layout, attn_mask=attention_mask,
