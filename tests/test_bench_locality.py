@@ -13,6 +13,7 @@ from diffaccel.bench.locality import LocalityBenchConfig, run_locality_bench
 from diffaccel.bench.shapes import get_shape
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import TextSpec, TileMask
+from diffaccel.sparse.per_frame import per_frame_circle_mask_mod
 
 CUDA = torch.cuda.is_available()  # the smoke runs use the default device: the compiled kernel where there is one
 SDPA = {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"}
@@ -98,7 +99,7 @@ def test_image_grid_skips_tile_and_a_failing_method_is_a_row(tmp_path, monkeypat
 def test_flex_mask_mods_match_the_definitions():
     # CLEAR per frame with a text suffix: same frame, squared distance in (row, col) below radius**2, text dense.
     grid, radius, nt = (3, 4, 5), 2.0, 6
-    mod = bench.per_frame_circle_mask_mod(grid, radius, TextSpec(nt, "suffix"))
+    mod = per_frame_circle_mask_mod(grid, radius, TextSpec(nt, "suffix"))  # the sparse layer's, which the bench uses
     f, r, c = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
     f, r, c = f.flatten(), r.flatten(), c.flatten()
     vis = (f[:, None] == f[None, :]) & ((r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2 < radius**2)

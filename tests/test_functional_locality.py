@@ -27,20 +27,7 @@ HEADS, DIM = 2, 16
 # ----------------------------------------------------------------------------------------------- brute force
 
 
-def natten_axis(n: int, k: int, s: int, d: int, causal: bool, x: int) -> set[int]:
-    """Keys of query ``x`` on one axis: NATTEN's stride-group leader, clamped window, dilation groups."""
-    group, xi = x % d, x // d
-    size = len(range(group, n, d))  # positions in this dilation group
-    if causal:
-        leader = min((xi // s) * s + s - 1, size - 1)
-        keys = [j for j in range(size) if j <= xi and leader - j < k]
-    else:
-        leader = min((xi // s) * s + s // 2, size - 1)
-        before = k // 2
-        after = k // 2 if k % 2 else k // 2 - 1
-        center = min(max(leader, before), size - 1 - after)
-        keys = list(range(center - before, center + after + 1))
-    return {j * d + group for j in keys}
+from natten_rules import natten_axis  # noqa: E402  (the one hand-written NATTEN definition of the tests)
 
 
 def coords(grid: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -37,18 +37,7 @@ def dense_mask(spec, heads: int = 1) -> torch.Tensor:
 # --- NATTEN semantics, from the definition in research/locality.md §1.2, written per query with Python sets ------
 
 
-def natten_keys_1d(n: int, k: int, s: int, d: int, causal: bool, x: int) -> set[int]:
-    g, xi = x % d, x // d
-    n_g = len(range(g, n, d))
-    if causal:
-        leader = min((xi // s) * s + s - 1, n_g - 1)
-        idx = [j for j in range(n_g) if j <= xi and leader - j < k]
-    else:
-        leader = min((xi // s) * s + s // 2, n_g - 1)
-        left, right = k // 2, k // 2 - (1 if k % 2 == 0 else 0)
-        center = min(max(leader, left), n_g - 1 - right)
-        idx = list(range(center - left, center + right + 1))
-    return {j * d + g for j in idx}
+from natten_rules import natten_axis as natten_keys_1d  # noqa: E402  (the one hand-written NATTEN definition)
 
 
 @pytest.mark.parametrize(

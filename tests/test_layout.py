@@ -261,3 +261,10 @@ def test_grid_mismatch_with_hook_is_reported() -> None:
     attn = model.transformer_blocks[0].attn
     with pytest.raises(LayoutError, match="latent grid"), torch.no_grad():
         attn(torch.randn(1, 16, 16), torch.randn(1, TEXT_LEN, 16))
+
+
+@pytest.mark.parametrize("finest, downsample", [(0, 1), (2, 1), (4, 2), (True, 1)])
+def test_finest_downsample_must_lie_between_one_and_the_level(finest, downsample):
+    with pytest.raises(LayoutError, match="finest_downsample"):
+        TokenLayout(4, (2, 2), downsample=downsample, finest_downsample=finest)
+    assert TokenLayout(4, (2, 2), downsample=4, finest_downsample=2).finest_downsample == 2

@@ -186,6 +186,11 @@ def test_msw_max_downsample_selects_unet_levels():
     win = (3, 4)  # ceil(5 / 2), ceil(7 / 2)
     close(windowed, fn.shifted_window_attention_reference(q, k, v, (5, 7), win, (kk * 0, kk * 1)))
     assert differs(windowed, default)
+    # An SDXL-like UNet, whose highest-resolution attention level is 2x down (the adapter's finest_downsample=2):
+    # the default windows that level, as HiDiffusion does on SDXL; max_downsample=1 keeps it dense.
+    sdxl_level = layout((5, 7), downsample=2, hierarchical=True, finest_downsample=2)
+    close(get_method("msw", **FAST)(q, k, v, sdxl_level, ctx), windowed)
+    close(get_method("msw", max_downsample=1, **FAST)(q, k, v, sdxl_level, ctx), sdpa(q, k, v), 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- shared options

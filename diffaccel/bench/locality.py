@@ -55,7 +55,7 @@ from diffaccel.bench.runners import (
 from diffaccel.bench.shapes import AttentionShape, get_shape
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
-from diffaccel.kernels.masks import CircleMask, SparseBlockMask, TextSpec
+from diffaccel.kernels.masks import SparseBlockMask
 from diffaccel.layout import TokenLayout
 
 __all__ = [
@@ -185,25 +185,6 @@ def method_setup(name: str, shape: AttentionShape, device: str, heads: int | Non
 
 
 _SETUP_NOTES = {"clear": ("training-free (no distilled CLEAR weights): speed and mask error only",)}
-
-
-def per_frame_circle_mask_mod(grid: tuple[int, ...], radius: float, text: TextSpec | None) -> Callable:
-    """CLEAR per frame as one ``mask_mod`` over the sequence: visual pairs in the same frame within the 2-D
-    circle, text rows and columns dense (what :func:`diffaccel.sparse.run.per_frame_circle_attention`
-    computes by folding frames into the batch)."""
-    frames, height, width = grid
-    hw, nv = height * width, frames * height * width
-    nt = 0 if text is None else text.length
-    prefix = text is not None and text.position == "prefix"
-    circle = CircleMask((height, width), radius).mask_mod
-
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
-        qv, kv = (q_idx - nt, kv_idx - nt) if prefix else (q_idx, kv_idx)
-        is_text = (qv < 0) | (qv >= nv) | (kv < 0) | (kv >= nv)
-        qv, kv = qv.clamp(0, nv - 1), kv.clamp(0, nv - 1)
-        return is_text | ((qv // hw == kv // hw) & circle(b, h, qv % hw, kv % hw))
-
-    return mask_mod
 
 
 @dataclass

@@ -23,6 +23,7 @@ is reproducible (upstream draws per call from the global RNG).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -108,6 +109,13 @@ def shift_index(policy: str, seed: int, layer: str | None, step: int) -> int:
     return (previous + 1 + random.Random(f"{seed}:{layer}:{step}:next").randrange(NUM_SHIFTS - 1)) % NUM_SHIFTS
 
 
+def _shift(grid: tuple[int, ...], window: tuple[int, ...], k: int) -> tuple[int, ...]:
+    """Shift index ``k`` as token offsets: ``k * floor(window / 4)`` on the (up to two) spatial axes, 0 on frames."""
+    nd = len(grid)
+    spatial = min(2, nd)
+    return tuple(0 if a < nd - spatial else (k * (w // 4)) % n for a, (n, w) in enumerate(zip(grid, window)))
+
+
 @register_method
 class MSWMethod(LocalityMethod):
     """HiDiffusion's MSW-MSA window attention (UNet high-resolution level, or every DiT layer); text global."""
@@ -126,11 +134,7 @@ class MSWMethod(LocalityMethod):
         """The shift of ``ctx.layer`` at ``ctx.step``: ``k * floor(window / 4)`` on the spatial dimensions."""
         grid = layout.grid
         assert grid is not None
-        win = cfg.window_for(grid)
-        k = shift_index(cfg.shift_policy, cfg.seed, ctx.layer, ctx.step)
-        nd = len(grid)
-        spatial = min(2, nd)
-        return tuple(0 if a < nd - spatial else (k * (w // 4)) % n for a, (n, w) in enumerate(zip(grid, win)))
+        return _shift(grid, cfg.window_for(grid), shift_index(cfg.shift_policy, cfg.seed, ctx.layer, ctx.step))
 
     def spec_for(self, layout: TokenLayout, ctx: RunContext, cfg: MSWConfig) -> ShiftedWindowMask:
         grid = layout.grid
@@ -147,7 +151,12 @@ class MSWMethod(LocalityMethod):
     ) -> AttentionPlan | None:
         if not self.windowed_level(layout, cfg):
             return None
-        return plan_for(self.spec_for(layout, ctx, cfg), cfg.block_size, device)
+        spec = self.spec_for(layout, ctx, cfg)
+        # The four shifts of the rotation are planned together on the layer's first call: building a plan reads
+        # block masks back to the host, so later steps then switch plans by a cache lookup, with no device sync.
+        for k in range(NUM_SHIFTS):
+            plan_for(dataclasses.replace(spec, shift=_shift(spec.grid, spec.window, k)), cfg.block_size, device)
+        return plan_for(spec, cfg.block_size, device)
 
     def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
         spec = self.spec_for(layout, ctx, self.config_for(ctx.layer) or self.config)  # type: ignore[arg-type]
