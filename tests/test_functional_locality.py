@@ -27,7 +27,7 @@ HEADS, DIM = 2, 16
 # ----------------------------------------------------------------------------------------------- brute force
 
 
-from natten_rules import natten_axis  # noqa: E402  (the one hand-written NATTEN definition of the tests)
+from natten_rules import masked_attention, natten_axis, with_text  # noqa: E402  (the tests' one hand-written NATTEN definition)
 
 
 def coords(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -79,25 +79,6 @@ def brute_windows(grid, window, shift) -> torch.Tensor:
         for j, r in enumerate(pts):
             keep[i, j] = window_of(p) == window_of(r)
     return keep
-
-
-def with_text(visual: torch.Tensor, num_text: int, position: str | None) -> torch.Tensor:
-    """Text queries see every key, visual queries see all text keys plus their visual set."""
-    if not num_text:
-        return visual
-    nv = visual.shape[0]
-    keep = torch.ones(nv + num_text, nv + num_text, dtype=torch.bool)
-    vis = slice(num_text, None) if position == "prefix" else slice(0, nv)
-    keep[vis, vis] = visual
-    return keep
-
-
-def masked_attention(q, k, v, keep, scale=None) -> torch.Tensor:
-    """Softmax attention under a boolean mask, float64, written out (no SDPA)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    s = s.masked_fill(~keep, float("-inf"))
-    return (torch.softmax(s, dim=-1) @ v.double()).to(q.dtype)
 
 
 def inputs(num_tokens: int, batch: int = 1, dtype=torch.float32):
