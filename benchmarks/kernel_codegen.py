@@ -36,31 +36,8 @@ import torch  # noqa: E402
 _COMPILED: list = []
 
 
-class _StubKernel:
-    function = None
-    packed_metadata = None
-
-    def launch_metadata(self, grid, stream, *args):  # noqa: ANN001, ANN201
-        return None
-
-    def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        return None
-
-
-class _StubDriver:
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_current_target(self):  # noqa: ANN201
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):  # noqa: ANN201
-        return torch.device("meta")
+# The no-op kernel and the sm_90 stand-in driver are the host-timing tool's (one copy of the stubs).
+from diffaccel.kernels._host_timing import _StubDriver, _StubKernel  # noqa: E402,F401
 
 
 def _install() -> None:

@@ -41,7 +41,7 @@ class _StubKernel:
 
 
 class _StubDriver:
-    """The three questions ``JITFunction.run`` asks the active driver, answered as on one sm_90 GPU."""
+    """The questions ``JITFunction.run`` asks the active driver, answered as on one sm_90 GPU."""
 
     def get_current_device(self) -> int:
         return 0
@@ -53,6 +53,9 @@ class _StubDriver:
         from triton.backends.compiler import GPUTarget
 
         return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):  # noqa: ANN201
+        return torch.device("meta")
 
 
 def install_stubs() -> None:
