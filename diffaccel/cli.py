@@ -7,18 +7,61 @@ exit with code 2. Library warnings from diffusers/transformers are reduced to er
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from diffaccel.bench.cli import bench_app
 from diffaccel.errors import DiffAccelError
-from diffaccel.pipelines.headhunt import headhunt_command
+
+# This module is imported by the console script before any command runs: it must not import torch, diffusers or
+# diffaccel's heavy modules at module level (``diffaccel --help`` stays fast). Commands import them when they run.
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose commands in :data:`LAZY_COMMANDS` are imported only when they run (or show --help).
+
+    ``diffaccel --help`` lists them from their one-line help without importing their modules.
+    """
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module, attribute, short_help = LAZY_COMMANDS[cmd_name]
+        if not getattr(self, "_resolving", False):  # listing the commands: a stand-in with the help line
+            return TyperCommand(name=cmd_name, help=short_help, short_help=short_help)
+        sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        sub.command(cmd_name)(getattr(importlib.import_module(module), attribute))
+        real = typer.main.get_command(sub)
+        real.name = cmd_name
+        self.commands[cmd_name] = real
+        return real
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        self._resolving = True
+        try:
+            return super().resolve_command(ctx, args)
+        finally:
+            self._resolving = False
+
+
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "headhunt": ("diffaccel.pipelines.headhunt", "headhunt_command",
+                 "Search the attention heads whose SoftPAG perturbation maximises OBJECTIVE and write them as JSON."),
+}
+"""Commands whose module imports torch at module level: name -> (module, function, one-line help)."""
 
 app = typer.Typer(
     name="diffaccel",
@@ -26,12 +69,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
+
+# Command registrations, one line each (modules imported here must not import torch at module level).
 app.add_typer(bench_app, name="bench")
-app.command("headhunt")(headhunt_command)
 
 
-@app.command()
+GENERATE_EXAMPLES = (
+    "diffaccel generate --method gna",
+    "diffaccel generate --method gna --set kernel_size=5 --set dense_steps=1",
+    "diffaccel generate --method tile --model tiny-wan",
+    "diffaccel generate --method softpag --set strength=0.5",
+)
+"""Examples in ``generate --help`` (a test runs each of them)."""
+
+
+@app.command(epilog="Examples (tiny offline models, a few seconds on a CPU):\n\n" + "\n\n".join(GENERATE_EXAMPLES))
 def generate(
     method: Annotated[str, typer.Option("--method", "-m", help="Attention method (see `diffaccel methods`).")],
     model: Annotated[
@@ -48,7 +102,7 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", help="Method parameter key=value (repeatable), e.g. --set density=0.25."),
+        typer.Option("--set", help="Method parameter key=value (repeatable; values parse as JSON), e.g. --set kernel_size=5 or --set 'layers=[\"transformer_blocks.0.attn\"]' (`diffaccel methods NAME` lists them)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -164,7 +218,7 @@ def methods(
     causal: Annotated[str, typer.Option(help="--analyze: causal per dimension as 0/1, e.g. 1x0x0.")] = "0",
     block: Annotated[int, typer.Option(help="--analyze: kernel block in tokens.")] = 128,
 ) -> None:
-    """List the registered attention methods and their parameters with defaults (`methods gna --analyze ...`)."""
+    """List the attention methods; `methods NAME` shows every parameter with its default (`methods gna --analyze ...`)."""
     from diffaccel.errors import ConfigError
     from diffaccel.methods.base import list_methods, method_class, method_parameters
 
@@ -175,20 +229,60 @@ def methods(
             raise ConfigError("--analyze needs --grid and --kernel-size, e.g. --grid 21x30x52 --kernel-size 9x15x15")
         _print_gna_analysis(grid, kernel_size, stride, dilation, causal, block)
         return
-    names = list_methods() if name is None else [method_class(name).name]
-    table = Table(title="diffaccel methods (set parameters with --set key=value)")
-    for column in ("method", "parameter"):
-        table.add_column(column, no_wrap=True)
-    for column in ("type", "default", "description"):
+    if name is None:
+        _print_method_table(list_methods(), method_class)
+    else:
+        _print_method_parameters(method_class(name).name, method_class, method_parameters)
+
+
+METHOD_SUMMARIES: dict[str, tuple[str, str, str]] = {
+    "dense": ("baseline", "all", "PyTorch SDPA exactly as the stock diffusers processors call it"),
+    "gna": ("static local sparsity", "images, video", "Generalized Neighborhood Attention (NATTEN semantics)"),
+    "tile": ("static frame sparsity", "video", "Efficient-vDiT attention tiles: own frame + global frames"),
+    "clear": ("static local window", "images (video per frame)", "CLEAR circular window of a radius"),
+    "msw": ("windowed, shifting", "UNets, DiT visual tokens", "HiDiffusion MSW-MSA shifted 2x2 windows"),
+    "agent": ("linear-time approx.", "all", "Agent Attention: two softmax stages through agent tokens"),
+    "softpag": ("guidance (quality)", "SD/SDXL, SD3, FLUX", "SoftPAG: per-head soft perturbed-attention guidance"),
+}
+"""(kind, applies to, summary) of the built-in methods; a method registered elsewhere may set the class
+attributes ``kind``, ``applies_to`` and ``summary`` (else its docstring's first line is the summary)."""
+
+
+def _method_summary(cls: type) -> tuple[str, str, str]:
+    known = METHOD_SUMMARIES.get(cls.name, ("", "", ""))
+    doc = (cls.__doc__ or "").strip().splitlines()
+    summary = getattr(cls, "summary", None) or known[2] or (doc[0] if doc else "")
+    return getattr(cls, "kind", None) or known[0], getattr(cls, "applies_to", None) or known[1], summary
+
+
+def _print_method_table(names: list[str], method_class: Any) -> None:
+    """``diffaccel methods``: one row per method (every text escaped: bracketed text is not rich markup)."""
+    table = Table(title="diffaccel methods", caption="parameters: diffaccel methods NAME; set them with --set key=value")
+    table.add_column("method", no_wrap=True)
+    for column in ("kind", "applies to", "summary"):
         table.add_column(column)
     for name in names:
-        doc = (method_class(name).__doc__ or "").strip().splitlines()
-        rows = method_parameters(name)
-        if not rows:
-            table.add_row(name, "(none)", "", "", doc[0] if doc else "")
-        for i, (field, type_name, default, help_text) in enumerate(rows):
-            table.add_row(name if i == 0 else "", field, type_name, repr(default), help_text)
+        kind, scope, summary = _method_summary(method_class(name))
+        table.add_row(escape(name), escape(kind), escape(scope), escape(summary))
     Console().print(table)
+
+
+def _print_method_parameters(name: str, method_class: Any, method_parameters: Any) -> None:
+    """``diffaccel methods NAME``: every parameter with its type, default and description."""
+    kind, scope, summary = _method_summary(method_class(name))
+    console = Console()
+    console.print(escape(f"{name}: {summary}" + (f" ({kind}; applies to {scope})" if kind else "")))
+    rows = method_parameters(name)
+    if not rows:
+        console.print("no parameters")
+        return
+    table = Table(title=escape(f"{name} parameters (--set key=value; values parse as JSON)"))
+    table.add_column("parameter", no_wrap=True)
+    for column in ("type", "default", "description"):
+        table.add_column(column)
+    for field, type_name, default, help_text in rows:
+        table.add_row(escape(field), escape(type_name), escape(repr(default)), escape(help_text))
+    console.print(table)
 
 
 @app.command()
@@ -231,8 +325,13 @@ def _click_errors() -> tuple[type[Exception], type[Exception] | None]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a user error becomes one ``error: ...`` line on stderr and exit code 2."""
+    import warnings
+
+    from diffaccel.warn import install_cli_warnings
+
     _quiet_libraries()
     click_error, no_args_error = _click_errors()
+    previous_hook = install_cli_warnings()  # every warning as one line, no source code
     try:
         code = app(args=argv, prog_name="diffaccel", standalone_mode=False)
     except DiffAccelError as exc:
@@ -244,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
             print(exc.ctx.get_help())
             raise SystemExit(0) from None
         _fail(exc.format_message(), getattr(exc, "exit_code", 2))
+    finally:
+        warnings.showwarning = previous_hook
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -124,9 +124,18 @@ def test_default_layers_follow_diffusers_exactly(sd3):
     proc = enable_softpag(unet)  # diffusers' SD/SDXL default "mid": the mid block's self-attention
     diffaccel.remove(unet)
     assert list(proc.method.selection) == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
-    flux = build_tiny("tiny-flux")
-    with pytest.raises(ConfigError, match="no published default"):
-        enable_softpag(flux)
+    flux = build_tiny("tiny-flux")  # no published FLUX layer: our documented default, announced in one warning
+    from diffaccel.warn import DiffAccelWarning, reset_warnings
+
+    reset_warnings()
+    with pytest.warns(DiffAccelWarning, match="diffaccel's own default.*transformer_blocks.1") as record:
+        proc = enable_softpag(flux)
+    diffaccel.remove(flux)
+    assert len([w for w in record if "softpag on flux" in str(w.message)]) == 1
+    assert proc.method.selection == {"transformer_blocks.1.attn": (0, 1)}
+    video = build_tiny("tiny-hunyuan-video")
+    with pytest.raises(ConfigError, match="no published default.*--method softpag --set 'layers="):
+        enable_softpag(video)
 
 
 def test_cross_attention_cannot_be_selected():

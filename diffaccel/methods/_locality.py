@@ -219,7 +219,7 @@ class LocalityMethod(MethodBase):
     ) -> torch.Tensor:
         cfg = self.config_for(ctx.layer)
         if cfg is None or in_dense_steps(ctx, cfg.dense_steps) or k.shape[2] != q.shape[2]:
-            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         if attn_mask is not None:
             lengths = layout.text_lengths
             if lengths is None or layout.text_first or len(lengths) != q.shape[0]:
@@ -228,7 +228,7 @@ class LocalityMethod(MethodBase):
                     f"{self.name}: an attention call with a mask other than a text key-padding mask (text suffix, "
                     "layout.text_lengths set by the adapter) runs dense",
                 )
-                return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+                return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
             return self._with_text_lengths(q, k, v, layout, ctx, cfg, lengths, scale)
         return self.local_attention(q, k, v, layout, ctx, cfg, scale=scale)
 
@@ -246,7 +246,7 @@ class LocalityMethod(MethodBase):
         """The method's attention on a self/joint call with a visual grid (no mask): its plan, one kernel call."""
         plan = self.plan(layout, ctx, heads=q.shape[1], device=q.device)
         if plan is None:
-            return sdpa(q, k, v, scale=scale)
+            return self.dense_fallback(q, k, v, scale=scale)
         return run_plan(q, k, v, plan, scale=scale, backend=cfg.backend)
 
     def _groups(self, lengths: tuple[int, ...], device: torch.device) -> list[tuple[int, torch.Tensor | None]]:

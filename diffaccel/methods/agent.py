@@ -166,24 +166,24 @@ class AgentMethod(MethodBase):
     ) -> torch.Tensor:
         if attn_mask is not None:
             warn_once("agent-mask", "agent: attention calls with a mask run dense (agent attention cannot take masks)")
-            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         if k.shape[2] != q.shape[2]:
-            return sdpa(q, k, v, scale=scale)
+            return self.dense_fallback(q, k, v, scale=scale)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         cfg = self.config
         mode = resolve_mode(cfg.mode, layout, ctx)
         agent_step = self._in_agent_steps(ctx, mode)
         if mode == "pooled":
             if not agent_step:
-                return sdpa(q, k, v, scale=scale)
+                return self.dense_fallback(q, k, v, scale=scale)
             return pooled_agent_attention(
                 q, k, v, layout, agent_grid=cfg.agent_grid, scale=scale, stage2_power=cfg.stage2_power,
                 shortcut=cfg.shortcut, fp32=cfg.fp32_logits,
             )
         if not self._in_high_resolution_level(layout, ctx):
-            return sdpa(q, k, v, scale=scale)
+            return self.dense_fallback(q, k, v, scale=scale)
         if not agent_step and not cfg.late_tome:
-            return sdpa(q, k, v, scale=scale)
+            return self.dense_fallback(q, k, v, scale=scale)
         stride = cfg.stride if agent_step else cfg.late_stride
         generator = self._generator(ctx, q.shape[0], q.device) if cfg.use_rand else None
         metric = {"keys": k, "queries": q, "values": v}[cfg.metric]

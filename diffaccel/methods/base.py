@@ -68,10 +68,24 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, scale=scale)
 
 
+@dataclass
+class CallCounts:
+    """How many self/joint calls with a visual grid ran the method's own attention, and how many ran dense instead
+    (dense steps, a layer not selected, a mask the method cannot take...). ``diffaccel generate`` reports a run
+    whose ``method`` count stays 0 as "fell back to dense" rather than as a result."""
+
+    method: int = 0
+    dense: int = 0
+
+    def reset(self) -> None:
+        self.method = self.dense = 0
+
+
 class MethodBase:
     """Convenience base: stores a validated config and keeps cross-attention and grid-less calls dense.
 
-    Subclasses implement :meth:`attend` for self/joint attention with a known visual grid.
+    Subclasses implement :meth:`attend` for self/joint attention with a known visual grid; where it runs dense
+    instead, it returns :meth:`dense_fallback` (counted in :attr:`calls`).
     """
 
     name: ClassVar[str] = ""
@@ -100,7 +114,35 @@ class MethodBase:
     ) -> torch.Tensor:
         if layout.is_cross or not layout.has_grid:
             return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-        return self.attend(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
+        self._fell_back = False
+        out = self.attend(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
+        counts = self.calls
+        if self._fell_back:
+            counts.dense += 1
+        else:
+            counts.method += 1
+        return out
+
+    @property
+    def calls(self) -> CallCounts:
+        """Calls of this instance that ran the method / ran dense in its place (self/joint calls with a grid)."""
+        counts = self.__dict__.get("_calls")
+        if counts is None:
+            counts = self.__dict__["_calls"] = CallCounts()
+        return counts
+
+    def dense_fallback(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Dense attention where :meth:`attend` does not run the method on this call (counted in :attr:`calls`)."""
+        self._fell_back = True
+        return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
 
     def attend(
         self,

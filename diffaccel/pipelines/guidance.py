@@ -235,10 +235,18 @@ def _with_sample(output: Any, sample: torch.Tensor) -> Any:
 # ---------------------------------------------------------------------------------------------- install
 
 
-DEFAULT_LAYERS = {"unet": ["mid_block"], "sd3": ["transformer_blocks.1"]}
+DEFAULT_LAYERS = {"unet": ["mid_block"], "sd3": ["transformer_blocks.1"], "flux": ["transformer_blocks.1"]}
 """Layers perturbed when neither ``heads`` nor ``layers`` is given: diffusers' PAG pipeline defaults per family
 (``"mid"`` for SD/SDXL, ``"blocks.1"`` for SD3), matched exactly: diffusers' regex ``blocks.1`` also selects
-SD3 blocks 10-19 (huggingface/diffusers#13594). Other families have no published default."""
+SD3 blocks 10-19 (huggingface/diffusers#13594). FLUX has no published PAG layer (diffusers' FLUX PAG, #11488 /
+PR #11510, is unmerged): :data:`OUR_DEFAULTS` says what we chose and why. Video families have none."""
+
+OUR_DEFAULTS = {
+    "flux": "diffaccel's own default, not a published one: every head of transformer_blocks.1 (FLUX's second "
+            "double-stream block, the MMDiT analogue of SD3's published PAG layer); choose heads with "
+            "'diffaccel headhunt' or --set 'layers=[...]'",
+}
+"""Families whose :data:`DEFAULT_LAYERS` entry is our choice: the one line announced when it is used."""
 
 
 def enable_softpag(
@@ -338,9 +346,17 @@ def default_selection(models: list[torch.nn.Module]) -> dict[str, None]:
     if family not in DEFAULT_LAYERS:
         raise ConfigError(
             f"softpag needs heads={{layer: [head, ...]}} or layers=[...] for {family} models (no published default "
-            f"layer); self-attention modules: {_module_list(models)}"
+            f"layer), e.g. diffaccel generate --method softpag --set 'layers=[\"{_first_module(models)}\"]'; "
+            f"self-attention modules: {_module_list(models)}"
         )
+    if family in OUR_DEFAULTS:
+        warn_once(f"softpag-default-{family}", f"softpag on {family}: {OUR_DEFAULTS[family]}")
     return {name: None for name in DEFAULT_LAYERS[family]}
+
+
+def _first_module(models: list[torch.nn.Module]) -> str:
+    names = sorted(n for m in models for n in perturbable_modules(m))
+    return names[0] if names else "MODULE"
 
 
 def _module_list(models: list[torch.nn.Module], limit: int = 8) -> str:
