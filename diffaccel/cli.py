@@ -146,7 +146,7 @@ def generate(
     else:
         console.print(f"image: {result.output_path}")
     if result.side_by_side_path is not None:
-        console.print(f"side by side (dense | {result.method}): {result.side_by_side_path}")
+        console.print(f"side by side (dense | {result.method} | difference): {result.side_by_side_path}")
 
 
 def _parse_sizes(name: str, text: str, *, kind: type = int) -> tuple:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -26,7 +27,8 @@ from diffaccel.eval.fidelity import Fidelity, compare
 from diffaccel.eval.media import WrittenVideo, save_image, save_side_by_side, save_video
 from diffaccel.eval.timing import Side, Spread, Timing, interleaved, paired_ratio, spread
 from diffaccel.methods.base import AttentionMethod, get_method
-from diffaccel.pipelines.hooks import apply, denoisers_of, remove
+from diffaccel.pipelines.hooks import apply, attention_modules, denoisers_of, remove
+from diffaccel.warn import warn_once
 from diffaccel.pipelines.loading import load_pipeline, resolve_device, resolve_dtype
 from diffaccel.pipelines.tiny import is_tiny, tiny_spec
 
@@ -36,10 +38,12 @@ DEFAULT_CUDA_MODEL = "black-forest-labs/FLUX.1-dev"
 """The default model: FLUX.1-dev on a CUDA machine (gated on the Hub: accept its license and log in first),
 the tiny offline FLUX pipeline elsewhere."""
 
-DEFAULT_WARMUP = 1
-"""Untimed calls of each side before the timed ones (first calls pay one-time costs, on the CPU as well)."""
-DEFAULT_REPEATS = 3
-"""Timed calls of each side, alternating with the other side's: enough for a median and a visible spread."""
+DEFAULT_WARMUP = 2
+"""Untimed calls of each side before the timed ones (first calls pay one-time costs, on the CPU as well; with
+one warm-up call the second call of a side was still slow on a CPU, so dense-against-dense read 0.20x)."""
+DEFAULT_REPEATS = 5
+"""Timed calls of each side, alternating with the other side's: enough for a median whose min-max is small
+(with 1 warm-up and 1 timed call, dense against dense printed 0.20x-0.25x on a CPU)."""
 
 VIDEO_FPS = {"Wan": 16, "CogVideoX": 8, "LTX": 24, "HunyuanVideo": 24}
 """Frame rates of the video families' checkpoints, by pipeline class-name prefix (16 otherwise)."""
@@ -196,6 +200,70 @@ def resolved_steps(pipe: Any, kwargs: dict[str, Any]) -> int | None:
     return None if default is None or default.default is inspect.Parameter.empty else int(default.default)
 
 
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_output_folder(out: Path) -> Path:
+    """Create ``out`` (a folder) before any work, or raise :class:`ConfigError` when it cannot be one."""
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out {str(out)!r} must be a folder, but {str(parent)!r} is a file; pass a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {str(out)!r}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {str(out)!r} is not writable")
+    return out
+
+
+def _method_config(method: Any) -> Any:
+    """The config whose layer selection and dense steps decide where ``method`` runs (SoftPAG: its inner method)."""
+    return getattr(getattr(method, "inner", method), "config", None)
+
+
+def check_method_reaches(pipe: Any, method: Any, steps: int | None) -> None:
+    """Raise :class:`ConfigError` for settings under which the method would never run on this pipeline (a silent
+    dense run reported as a result): ``dense_steps >= steps``, or a layer pattern that matches no attention module."""
+    cfg = _method_config(method)
+    if cfg is None:
+        return
+    name = getattr(getattr(method, "inner", method), "name", "method")
+    dense_steps = getattr(cfg, "dense_steps", None)
+    if isinstance(dense_steps, int) and steps is not None and dense_steps >= steps:
+        raise ConfigError(
+            f"dense_steps={dense_steps} with {steps} denoising steps: {name} would never run (every step dense); "
+            f"use --set dense_steps=N with N < {steps}, or more --steps"
+        )
+    from diffaccel.methods._locality import layer_matches
+
+    names = sorted(n for model in denoisers_of(pipe) for n in attention_modules(model))
+    patterns = [("layers", p) for p in (getattr(cfg, "layers", None) or ())]
+    patterns += [("exclude_layers", p) for p in (getattr(cfg, "exclude_layers", None) or ())]
+    patterns += [("layer_overrides", p) for p in (getattr(cfg, "layer_overrides", None) or {})]
+    for field_name, pattern in patterns:
+        if not any(layer_matches(n, pattern) for n in names):
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            raise ConfigError(
+                f"{field_name} pattern {pattern!r} matches no attention module of {type(pipe).__name__} (exact "
+                f"qualified names or globs such as 'transformer_blocks.*'); modules: {shown}"
+            )
+
+
+def fallback_note(method: Any, output: torch.Tensor, reference: torch.Tensor | None) -> str | None:
+    """"fell back to dense" when no self/joint call ran the method (its :class:`CallCounts`), or when its output
+    equals dense bit for bit (a method that is not dense itself); ``None`` when the method ran."""
+    counted = getattr(getattr(method, "inner", method), "calls", None)
+    name = getattr(getattr(method, "inner", method), "name", "")
+    if counted is not None and counted.method == 0 and counted.dense > 0:
+        return f"fell back to dense (0 of {counted.dense} attention calls ran {name})"
+    if reference is not None and name != "dense" and getattr(method, "name", "") != "softpag":
+        if output.shape == reference.shape and torch.equal(output, reference):
+            return "fell back to dense (output identical to dense)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- timing
 
 
@@ -270,6 +338,8 @@ class RunRecord:
     fidelity: Fidelity | None = None
     baseline: bool = False
     samples: tuple[Timing, ...] = ()
+    note: str | None = None
+    """What the table must say about the run, e.g. "fell back to dense" (the method never ran)."""
 
     @property
     def total(self) -> Spread:
@@ -334,9 +404,12 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
 
+    out = check_output_folder(opts.out)  # before any work: a bad --out must not cost a generation
+
     pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=opts.cpu_offload)
     kwargs = call_kwargs(pipe, model, opts)
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
+    check_method_reaches(pipe, method, resolved_steps(pipe, kwargs))
     video = is_video_pipeline(pipe)
 
     def call(label: str) -> tuple[torch.Tensor, Timing]:
@@ -360,9 +433,13 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         dense_samples = tuple(t for _, t in timed[1])
         runs.append(RunRecord("dense", median_timing(dense_samples), baseline=True, samples=dense_samples))
     fidelity = compare(output, reference) if reference is not None else None
-    runs.append(RunRecord(opts.method, median_timing(method_samples), fidelity, samples=method_samples))
+    note = fallback_note(method, output, reference)
+    if note is not None:
+        warn_once(f"generate-fallback-{opts.method}-{model}", f"{opts.method} on {model}: {note}; the speedup and "
+                  "PSNR/SSIM below describe dense attention, not the method")
+    runs.append(RunRecord(opts.method, median_timing(method_samples), fidelity, samples=method_samples, note=note))
 
-    stem = opts.out / f"{_slug(model)}_{opts.method}"
+    stem = out / f"{_slug(model)}_{opts.method}"
     written = None
     if video:
         fps = next((v for k, v in VIDEO_FPS.items() if type(pipe).__name__.startswith(k)), 16)
@@ -372,7 +449,10 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         output_path = save_image(output, stem.with_suffix(".png"))
     sbs = None
     if reference is not None:
-        sbs = save_side_by_side(reference, output, ("dense", opts.method), f"{stem}_vs_dense.png")
+        caption = None if fidelity is None else (
+            f"{opts.method} vs dense: PSNR {'inf' if math.isinf(fidelity.psnr) else f'{fidelity.psnr:.2f}'} dB, "
+            f"SSIM {fidelity.ssim:.4f}" + (f"; {note}" if note else ""))
+        sbs = save_side_by_side(reference, output, ("dense", opts.method), f"{stem}_vs_dense.png", caption=caption)
     return GenerateResult(
         model=model,
         method=opts.method,
@@ -403,8 +483,12 @@ def overhead_note(result: GenerateResult) -> str | None:
 
 
 def results_table(result: GenerateResult):
-    """A rich table of the runs: median latency (min-max), speedup against dense (ratio of medians, min-max of the
-    per-round ratios), PSNR and SSIM against dense. On a CPU or a tiny model the time columns say "overheads"."""
+    """A rich table with one column per run and one row per measure: median latency (min-max), speedup against
+    dense (ratio of medians, min-max of the per-round ratios), PSNR and SSIM against dense, and whether the method
+    ran ("fell back to dense" when it never did). On a CPU or a tiny model the time rows say "overheads".
+
+    Runs are columns so that the ranges fit 80 columns of terminal with two runs."""
+    from rich.markup import escape
     from rich.table import Table
 
     if result.is_video:
@@ -416,26 +500,25 @@ def results_table(result: GenerateResult):
     title = f"{result.model} ({result.pipeline}) | {size} | {result.steps} steps | {result.device} {result.dtype}"
     note = overhead_note(result)
     tag = " (overheads)" if note else ""
-    table = Table(title=title)
-    table.add_column("run")
-    table.add_column(f"s / {unit}{tag}", justify="right")
-    table.add_column(f"denoiser s{tag}", justify="right")
-    table.add_column(f"speedup{tag}", justify="right")
-    table.add_column(f"denoiser speedup{tag}", justify="right")
-    table.add_column("PSNR dB", justify="right")
-    table.add_column("SSIM", justify="right")
-    dense = result.dense
+    table = Table(title=escape(title))
+    table.add_column("")
     for run in result.runs:
-        fid = run.fidelity
-        table.add_row(
-            run.label,
-            run.total.format(),
-            run.denoise.format(),
-            "-" if dense is None else _speedup(dense, run, "total_s"),
-            "-" if dense is None else _speedup(dense, run, "denoise_s"),
-            "-" if fid is None else ("inf" if math.isinf(fid.psnr) else f"{fid.psnr:.2f}"),
-            "-" if fid is None else f"{fid.ssim:.4f}",
-        )
+        table.add_column(escape(run.label), justify="right")
+    dense = result.dense
+
+    def row(label: str, cell) -> None:
+        table.add_row(label, *(cell(run) for run in result.runs))
+
+    row(f"s / {unit}{tag}", lambda run: run.total.format())
+    row(f"denoiser s{tag}", lambda run: run.denoise.format())
+    row(f"speedup{tag}", lambda run: "-" if dense is None else _speedup(dense, run, "total_s"))
+    row(f"denoiser speedup{tag}", lambda run: "-" if dense is None else _speedup(dense, run, "denoise_s"))
+    row("PSNR dB", lambda run: "-" if run.fidelity is None else (
+        "inf" if math.isinf(run.fidelity.psnr) else f"{run.fidelity.psnr:.2f}"))
+    row("SSIM", lambda run: "-" if run.fidelity is None else f"{run.fidelity.ssim:.4f}")
+    if any(run.note for run in result.runs):
+        row("attention", lambda run: "[bold red]" + escape(run.note) + "[/]" if run.note else (
+            "stock" if run.baseline else "ran"))
     sync = "CUDA synchronized before each clock read" if result.device.startswith("cuda") else "on the CPU"
     if result.repeats == 1:
         calls = "one pipeline call per run"
@@ -444,7 +527,7 @@ def results_table(result: GenerateResult):
         if dense is not None:
             calls += ", method and dense alternating call by call"
     speedups = "speedup: ratio of the medians (min-max of the per-round ratios); " if result.repeats > 1 else ""
-    table.caption = (
+    table.caption = escape(
         (f"{note} " if note else "")
         + f"Timed: {calls}, after {result.warmup} untimed warm-up call(s) of each, {sync}. "
         f"s / {unit}: the whole call (text encoding, denoising, VAE decode); denoiser s: time inside the "

@@ -304,7 +304,7 @@ def test_generate_alternates_runs_and_excludes_warmup(tmp_path, monkeypatch):
     base.list_methods()
     monkeypatch.setitem(base._REGISTRY, NoOpAttention.name, NoOpAttention)
     clock, calls, pipes = FakeClock(), [], []
-    durations = {"_test_noop": [1.0, 1.2, 1.1], "dense": [2.0, 2.1, 2.2]}
+    durations = {"_test_noop": [1.0, 1.2, 1.1, 1.3, 0.9], "dense": [2.0, 2.1, 2.2, 2.3, 1.9]}
 
     def fake_run_pipeline(pipe, prompt, kwargs, seed, label):
         processor = installed_processor(denoisers_of(pipe)[0])
@@ -320,12 +320,13 @@ def test_generate_alternates_runs_and_excludes_warmup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "run_pipeline", fake_run_pipeline)
     result = run.generate(run.GenerateOptions(method=NoOpAttention.name, model="tiny-sd", out=tmp_path, device="cpu"))
-    assert (result.warmup, result.repeats) == (run.DEFAULT_WARMUP, run.DEFAULT_REPEATS) == (1, 3)
-    assert [a for a, _ in calls] == ["_test_noop", "dense"] * 4
-    assert [label for _, label in calls[:2]] == ["_test_noop warm-up 1", "dense warm-up 1"]
+    assert (result.warmup, result.repeats) == (run.DEFAULT_WARMUP, run.DEFAULT_REPEATS) == (2, 5)
+    assert [a for a, _ in calls] == ["_test_noop", "dense"] * 7
+    assert [label for _, label in calls[:4]] == [
+        "_test_noop warm-up 1", "dense warm-up 1", "_test_noop warm-up 2", "dense warm-up 2"]
     dense, method = result.runs
-    assert [t.total_s for t in method.samples] == pytest.approx([1.0, 1.2, 1.1])
-    assert [t.total_s for t in dense.samples] == pytest.approx([2.0, 2.1, 2.2])
+    assert [t.total_s for t in method.samples] == pytest.approx([1.0, 1.2, 1.1, 1.3, 0.9])
+    assert [t.total_s for t in dense.samples] == pytest.approx([2.0, 2.1, 2.2, 2.3, 1.9])
     assert (method.timing.total_s, method.timing.denoise_s, dense.timing.total_s) == pytest.approx((1.1, 0.55, 2.1))
     assert math.isfinite(method.fidelity.psnr) and dense.fidelity is None
     assert len({id(p) for p in pipes}) == 1 and installed_processor(denoisers_of(pipes[0])[0]) is None  # removed
@@ -333,13 +334,13 @@ def test_generate_alternates_runs_and_excludes_warmup(tmp_path, monkeypatch):
     console = Console(record=True, width=240)
     console.print(run.results_table(result))
     text = " ".join(console.export_text().split())
-    assert "1.100 (1.000-1.200)" in text and "2.100 (2.000-2.200)" in text  # medians (min-max) per side
-    assert "0.550 (0.500-0.600)" in text  # the denoiser seconds
-    # Speedup: ratio of the medians 2.1 / 1.1, with the min-max of the per-round ratios 2.0, 1.75, 2.0.
-    assert f"{2.1 / 1.1:.2f}x ({2.1 / 1.2:.2f}-{2.2 / 1.1:.2f}x)" in text
+    assert "1.100 (0.900-1.300)" in text and "2.100 (1.900-2.300)" in text  # medians (min-max) per side
+    assert "0.550 (0.450-0.650)" in text  # the denoiser seconds
+    # Speedup: ratio of the medians 2.1 / 1.1, with the min-max of the per-round ratios 2.0, 1.75, 2.0, 1.77, 2.11.
+    assert f"{2.1 / 1.1:.2f}x ({2.1 / 1.2:.2f}-{1.9 / 0.9:.2f}x)" in text
     assert "CPU, tiny model: these times measure overheads, not attention speed." in text
-    assert "speedup (overheads)" in text and "median (min-max) of 3 pipeline calls per run" in text
-    assert "alternating call by call" in text and "after 1 untimed warm-up call(s) of each" in text
+    assert "speedup (overheads)" in text and "median (min-max) of 5 pipeline calls per run" in text
+    assert "alternating call by call" in text and "after 2 untimed warm-up call(s) of each" in text
 
 
 def test_results_table_labels_overheads_only_on_cpu_or_tiny_models(tmp_path):
@@ -371,7 +372,7 @@ def test_results_table_labels_overheads_only_on_cpu_or_tiny_models(tmp_path):
 
 
 def test_generate_console_defaults_time_both_sides_with_spreads(tmp_path):
-    """The real console script on the default tiny run: warm-up 1, 3 alternating timed calls per side, medians
+    """The real console script on the default tiny run: warm-up 2, 5 alternating timed calls per side, medians
     with min-max, and the overheads label."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
     proc = subprocess.run(
@@ -381,8 +382,8 @@ def test_generate_console_defaults_time_both_sides_with_spreads(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = " ".join(proc.stdout.split())
     assert "these times measure overheads, not attention speed." in out
-    assert "median (min-max) of 3 pipeline calls per run, method and dense alternating call by call" in out
-    assert "after 1 untimed warm-up call(s) of each" in out
+    assert "median (min-max) of 5 pipeline calls per run, method and dense alternating call by call" in out
+    assert "after 2 untimed warm-up call(s) of each" in out
     assert len(re.findall(r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", out)) == 4  # 2 runs x (total, denoiser)
     assert len(re.findall(r"\d+\.\d{2}x \(\d+\.\d{2}-\d+\.\d{2}x\)", out)) == 4
     assert "inf" in out and "1.0000" in out and (tmp_path / "tiny-flux_dense.png").exists()

@@ -47,6 +47,8 @@ ALLOWED_BACK_EDGES = {
     ("diffaccel.pipelines.adapters.base", "diffaccel.pipelines.adapters.builtin"),
     # The same for methods: list_methods() imports diffaccel.methods so every built-in method registers itself.
     ("diffaccel.methods.base", "diffaccel.methods"),
+    # The denoiser-wrapper registry loads the built-in guidance installer (SoftPAG) at lookup time.
+    ("diffaccel.pipelines.model_setup", "diffaccel.pipelines.guidance"),
 }
 """Registry -> plugin package imports, made inside a function at lookup time; left out of the cycle check."""
 

@@ -47,15 +47,18 @@ def test_save_video_gif_or_mp4(tmp_path, monkeypatch):
 
 
 def test_side_by_side_image_layout():
+    from diffaccel.eval.media import MIN_WIDTH
+
     a, b = torch.zeros(3, 16, 16), torch.ones(3, 16, 16)
+    factor = -(-MIN_WIDTH // (3 * 16))  # three 16-pixel panels scaled up (nearest) to >= MIN_WIDTH pixels
     img = np.asarray(side_by_side(a, b, ("dense", "tile")))
-    assert img.shape[0] > 16 + LABEL_HEIGHT
-    # Left panel black, right panel white, each under its label.
-    row = img[img.shape[0] - 10]
+    assert img.shape[1] >= MIN_WIDTH and img.shape[0] > 16 * factor + LABEL_HEIGHT
+    # Left panel black, middle panel white, each under its label; the difference panel (|1 - 0| = its max) white.
+    row = img[LABEL_HEIGHT + 8 * factor]
     assert (row == 0).all(axis=1).any() and (row == 255).all(axis=1).any()
     black_cols = np.where((row == 0).all(axis=1))[0]
     white_after = np.where((row[black_cols.max():] == 255).all(axis=1))[0]
-    assert len(black_cols) == 16 and len(white_after) > 16
+    assert len(black_cols) == 16 * factor and len(white_after) > 16 * factor
 
 
 def test_side_by_side_video_is_a_strip():
@@ -67,8 +70,9 @@ def test_side_by_side_video_is_a_strip():
 
 def test_strip_indices():
     assert strip_indices(5) == [0, 1, 2, 3, 4]
-    idx = strip_indices(81)
-    assert idx[0] == 0 and idx[-1] == 80 and len(idx) == 8 and idx == sorted(set(idx))
+    idx = strip_indices(81)  # evenly spaced (a constant step) from the first frame to the last
+    assert idx[0] == 0 and idx[-1] == 80 and 4 <= len(idx) <= 8 and idx == sorted(set(idx))
+    assert len({b - a for a, b in zip(idx, idx[1:])}) == 1
 
 
 def test_side_by_side_errors(tmp_path):

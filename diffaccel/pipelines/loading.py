@@ -184,7 +184,28 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype, kwargs: dict[str, Any
                 f"cannot load Hub id {model!r}: no such local folder, and it is not in the Hugging Face cache while "
                 "HF_HUB_OFFLINE=1 forbids downloads"
             ) from exc
-        raise ModelLoadError(f"cannot load Hub id {model!r} (no such local folder): {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load Hub id {model!r} (no such local folder): {_hub_reason(exc)}") from exc
+
+
+def _hub_reason(exc: BaseException) -> str:
+    """Why a Hub id did not load, in words a CLI user can act on (diffusers' own text suggests Python keywords
+    such as ``local_files_only`` that the command line does not have): the whole message, never cut."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if "GatedRepoError" in names or "gated" in text.lower():
+        return "the repository is gated: accept its license on huggingface.co and log in (huggingface-cli login)"
+    if "RepositoryNotFoundError" in names or "404" in text:
+        return "no such repository on the Hub (check the id; private repositories need huggingface-cli login)"
+    if names & {"LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "OfflineModeIsEnabled"} \
+            or "not fully cached" in text or "outgoing traffic has been disabled" in text:
+        return ("the Hub could not be reached and the model is not in the Hugging Face cache; connect to the "
+                "internet (or set HF_ENDPOINT to a mirror), or pass a local folder or a tiny model (diffaccel models)")
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _hub_offline() -> bool:

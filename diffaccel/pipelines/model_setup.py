@@ -92,10 +92,17 @@ def register_denoiser_wrapper(method_class: type, install: Callable[..., Any]) -
 
 def denoiser_wrapper_for(method_class: type) -> Callable[..., Any] | None:
     """The installer registered for ``method_class`` (walking base classes), or ``None``."""
+    _load_builtin_wrappers()
     for cls in method_class.__mro__:
         if cls in _WRAPPERS:
             return _WRAPPERS[cls]
     return None
+
+
+def _load_builtin_wrappers() -> None:
+    """Import the built-in guidance installers (SoftPAG) so they register themselves: ``import diffaccel`` is
+    lazy, so nothing else is sure to have imported them before the first lookup (plugin registration)."""
+    import diffaccel.pipelines.guidance  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------- CLEAR
