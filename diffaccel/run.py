@@ -338,6 +338,10 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     kwargs = call_kwargs(pipe, model, opts)
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
     video = is_video_pipeline(pipe)
+    from diffaccel.calibrate.driver import ensure_plan  # PARO without a plan: calibrate on the prompt, save the plan
+
+    ensure_plan(method, pipe, model=model, model_slug=_slug(model), prompt=opts.prompt, kwargs=kwargs,
+                steps=resolved_steps(pipe, kwargs), seed=opts.seed, out=opts.out)
 
     def call(label: str) -> tuple[torch.Tensor, Timing]:
         return run_pipeline(pipe, opts.prompt, kwargs, opts.seed, label)
