@@ -115,6 +115,7 @@ class _LayerState:
     bucket: int = -1
     mask: SparseBlockMask | None = None
     keep: torch.Tensor | None = None
+    cut: dict = field(default_factory=dict)  # valid tokens -> (mask, order) of a padded suffix prompt, this bucket
 
 
 @register_method
@@ -182,11 +183,12 @@ class ParoMethod(MethodBase):
                 "paro needs a calibrated plan: pass plan=PATH (from `diffaccel calibrate --method paro`), or run "
                 "`diffaccel generate --method paro`, which calibrates on its prompt first"
             )
-        if attn_mask is not None and not _mask_is_no_op(layout):
+        padded = attn_mask is not None and not _mask_is_no_op(layout)
+        if padded and not suffix_padding(layout):
             warn_once(
                 "paro-padded-prompt",
-                "diffaccel: paro runs dense attention on calls whose prompt is padded (an attention mask with "
-                "padding); its plan assumes every text token is valid",
+                "diffaccel: paro runs dense attention on calls with an attention mask other than the padding of a "
+                "suffix prompt (its plan assumes every text token it sees is valid)",
             )
             return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         state = self._state(plan, layout, ctx, q.shape[1], q.device)
@@ -195,10 +197,40 @@ class ParoMethod(MethodBase):
             self._load_bucket(plan, state, bucket, q.shape[2], q.device)
         self._last[ctx.layer or ""] = state
         cfg = self.config
+        if padded:
+            return self._padded(q, k, v, layout, state, plan.block, scale)
         return block_sparse_attention_unchecked(
             q, k, v, state.mask, scale=scale, qk_int8=cfg.qk_int8, pv_int8=cfg.pv_int8,
             token_order=state.order, backend=cfg.backend,
         )
+
+    def _padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, state: _LayerState,
+                block: int, scale: float | None) -> torch.Tensor:
+        """A padded suffix prompt (HunyuanVideo): per group of rows with ``L`` valid text tokens, the first
+        ``nv + L`` tokens run the plan cut to them (text is in place, so the order's first ``nv + L`` entries are
+        exactly those tokens); padded text queries attend densely to the valid keys, as the stock mask makes them."""
+        assert layout.text_lengths is not None and state.keep is not None
+        cfg = self.config
+        out = torch.empty_like(q)
+        nv = layout.num_visual
+        for length in sorted(set(layout.text_lengths)):
+            rows = [i for i, n in enumerate(layout.text_lengths) if n == length]
+            sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+            n = nv + length
+            cut = state.cut.get(n)
+            if cut is None:
+                nb = -(-n // block)
+                mask = SparseBlockMask.from_block_keep(state.keep[:, :nb, :nb].unsqueeze(0), q_len=n, kv_len=n,
+                                                       q_block_size=block, kv_block_size=block, validate=False)
+                cut = state.cut[n] = (mask, state.order[:, :n].contiguous())
+            qs, ks, vs = q[sel], k[sel], v[sel]
+            out[sel, :, :n] = block_sparse_attention_unchecked(
+                qs[:, :, :n], ks[:, :, :n], vs[:, :, :n], cut[0], scale=scale, qk_int8=cfg.qk_int8,
+                pv_int8=cfg.pv_int8, token_order=cut[1], backend=cfg.backend,
+            )
+            if n < q.shape[2]:
+                out[sel, :, n:] = sdpa(qs[:, :, n:], ks[:, :, :n], vs[:, :, :n], scale=scale)
+        return out
 
     def _state(self, plan: ParoPlan, layout: TokenLayout, ctx: RunContext, heads: int,
                device: torch.device) -> _LayerState:
@@ -227,6 +259,7 @@ class ParoMethod(MethodBase):
             mask = SparseBlockMask.from_block_keep(keep.unsqueeze(0), q_len=n, kv_len=n, q_block_size=plan.block,
                                                    kv_block_size=plan.block, validate=False)
         state.bucket, state.mask, state.keep = bucket, mask, keep
+        state.cut.clear()
 
     def kept_blocks(self, layer: str) -> torch.Tensor | None:
         """The key blocks kept at this layer's most recent call: ``(heads, q_blocks, kv_blocks)`` bool, kernel order
@@ -249,6 +282,11 @@ def check_paro_layout(layout: TokenLayout, layer: str | None) -> None:
         )
     if layout.grid is None or len(layout.grid) not in (2, 3):
         raise ConfigError(f"paro: layer {layer} has grid {layout.grid}; PARO needs an (H, W) or (F, H, W) grid")
+
+
+def suffix_padding(layout: TokenLayout) -> bool:
+    """The call's mask is the padding of a suffix prompt described by ``text_lengths`` (valid tokens first)."""
+    return layout.text_lengths is not None and layout.num_text > 0 and not layout.text_first
 
 
 def _mask_is_no_op(layout: TokenLayout) -> bool:

@@ -30,7 +30,14 @@ from diffaccel.errors import ConfigError
 from diffaccel.kernels import attention_with_lse, block_attention_mass
 from diffaccel.layout import TokenLayout
 from diffaccel.methods.base import MethodBase, sdpa
-from diffaccel.methods.paro import DEFAULT_BLOCK, DEFAULT_DENSITY, ParoConfig, _mask_is_no_op, check_paro_layout
+from diffaccel.methods.paro import (
+    DEFAULT_BLOCK,
+    DEFAULT_DENSITY,
+    ParoConfig,
+    _mask_is_no_op,
+    check_paro_layout,
+    suffix_padding,
+)
 from diffaccel.methods.paro_plan import (
     ParoPlan,
     bucket_of,
@@ -115,14 +122,33 @@ class ParoCalibrator(MethodBase):
         scale: float | None = None,
     ) -> torch.Tensor:
         check_paro_layout(layout, ctx.layer)
-        if attn_mask is not None and not _mask_is_no_op(layout):
-            warn_once("paro-calibration-padded", "diffaccel: paro calibration skips calls with a padded prompt "
-                      "(attention mask with padding); they run dense and are not measured")
+        padded = attn_mask is not None and not _mask_is_no_op(layout)
+        if padded and not suffix_padding(layout):
+            warn_once("paro-calibration-masked", "diffaccel: paro calibration skips calls with an attention mask "
+                      "other than a suffix prompt's padding; they run dense and are not measured")
             return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = attention_with_lse(q, k, v, scale=scale, backend=self.config.backend)
-        with torch.no_grad():
-            self._record(q, k, lse, layout, ctx, scale)
+        backend = self.config.backend
+        if not padded:
+            out, lse = attention_with_lse(q, k, v, scale=scale, backend=backend)
+            with torch.no_grad():
+                self._record(q, k, lse, layout, ctx, scale, q.shape[2])
+            return out
+        # A padded suffix prompt (HunyuanVideo): rows grouped by valid text length, each measured on its valid
+        # tokens (the order's first nv + L entries are those tokens); padded queries attend to the valid keys.
+        assert layout.text_lengths is not None
+        out = torch.empty_like(q)
+        nv = layout.num_visual
+        for length in sorted(set(layout.text_lengths)):
+            sel = [i for i, n in enumerate(layout.text_lengths) if n == length]
+            n = nv + length
+            qs, ks, vs = q[sel], k[sel], v[sel]
+            o, lse = attention_with_lse(qs[:, :, :n], ks[:, :, :n], vs[:, :, :n], scale=scale, backend=backend)
+            out[sel, :, :n] = o
+            if n < q.shape[2]:
+                out[sel, :, n:] = sdpa(qs[:, :, n:], ks[:, :, :n], vs[:, :, :n], scale=scale)
+            with torch.no_grad():
+                self._record(qs[:, :, :n], ks[:, :, :n], lse, layout, ctx, scale, n)
         return out
 
     def _layer(self, layer: str, layout: TokenLayout, heads: int, device: torch.device) -> _LayerStats:
@@ -150,7 +176,9 @@ class ParoCalibrator(MethodBase):
         return st
 
     def _record(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, layout: TokenLayout, ctx: RunContext,
-                scale: float) -> None:
+                scale: float, n: int) -> None:
+        """Record one call's statistics; ``q``/``k``/``lse`` hold the first ``n`` tokens of the layout's sequence
+        (all of them, or the valid ones of a padded suffix prompt)."""
         layer = ctx.layer or ""
         heads = q.shape[1]
         st = self._layer(layer, layout, heads, q.device)
@@ -169,8 +197,9 @@ class ParoCalibrator(MethodBase):
                                               self.eps, self.sigma)
                 st.sparse_sum[:, o] += sparse.double().cpu()
                 st.quant_sum[:, o] += quant.double().cpu()
-                full = head_token_order(grid, [o], text)[0].to(q.device)
-                pending.append(_mass(q, k, lse, full.expand(heads, -1), self.block, scale, self.config.backend))
+                full = head_token_order(grid, [o], text)[0, :n].to(q.device)
+                pending.append(_padded_mass(_mass(q, k, lse, full.expand(heads, -1), self.block, scale,
+                                                  self.config.backend), layout.num_tokens, self.block))
             st.searches += 1
             stacked = torch.stack(pending)
             st.pending[bucket] = st.pending[bucket] + stacked if bucket in st.pending else stacked
@@ -180,7 +209,8 @@ class ParoCalibrator(MethodBase):
         assert st.token_order is not None or st.orders is not None
         if st.token_order is None or st.token_order.device != q.device:
             st.token_order = head_token_order(grid, st.orders.tolist(), text).to(q.device)
-        mass = _mass(q, k, lse, st.token_order, self.block, scale, self.config.backend)
+        mass = _padded_mass(_mass(q, k, lse, st.token_order[:, :n], self.block, scale, self.config.backend),
+                            layout.num_tokens, self.block)
         st.mass[bucket] = st.mass[bucket] + mass if bucket in st.mass else mass
 
     def _choose(self, st: _LayerStats) -> None:
@@ -243,6 +273,12 @@ def _gather(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         return x.gather(2, order.unsqueeze(0).expand(B, H, -1))
     return x.gather(2, order.view(1, H, -1, 1).expand(B, H, -1, x.shape[-1]))
+
+
+def _padded_mass(mass: torch.Tensor, num_tokens: int, block: int) -> torch.Tensor:
+    """A block mass of the first tokens, zero-padded to the blocks of the whole ``num_tokens`` sequence."""
+    nb = -(-num_tokens // block)
+    return torch.nn.functional.pad(mass, (0, nb - mass.shape[-1], 0, nb - mass.shape[-2]))
 
 
 def _mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, order: torch.Tensor, block: int, scale: float,
