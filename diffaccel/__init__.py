@@ -26,6 +26,7 @@ from diffaccel.pipelines.named_processors import (
     ClearAttnProcessor,
     GNAAttnProcessor,
     MSWAttnProcessor,
+    ParoAttnProcessor,
     TileAttnProcessor,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "ClearAttnProcessor",
     "GNAAttnProcessor",
     "MSWAttnProcessor",
+    "ParoAttnProcessor",
     "TileAttnProcessor",
     "functional",
     "ConfigError",

@@ -54,8 +54,10 @@ def test_density_one_equals_dense_on_every_family(name):
     pipe, kwargs = _pipe(name), _kwargs(name, 1)
     diffaccel.remove(pipe)
     dense = _generate(pipe, kwargs)
-    method = ParoMethod(plan=plan, backend="reference")  # the reference applies the token order (no SDPA shortcut)
-    diffaccel.apply(pipe, method)
+    # the reference applies the token order (no SDPA shortcut at density 1)
+    processor = diffaccel.ParoAttnProcessor(plan=plan, backend="reference")
+    method = processor.method
+    diffaccel.apply(pipe, processor)
     try:
         out = _generate(pipe, kwargs)
     finally:

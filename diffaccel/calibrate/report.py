@@ -60,6 +60,10 @@ def heatmap(plan: ParoPlan, path: str | Path, *, title: str | None = None) -> Pa
         fig.colorbar(im, ax=ax)
         ax.set_title(label)
     for ax in axes:
+        if heads <= 48:
+            ax.set_xticks(range(0, heads, max(1, heads // 12)))
+        if n_layers <= 60:
+            ax.set_yticks(range(0, n_layers, max(1, n_layers // 20)))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
     fig.suptitle(title or f"PARO plan: {plan.model}, grid {'x'.join(map(str, plan.grid))}, density {plan.density}")
