@@ -253,3 +253,29 @@ def test_errors_say_what_to_do():
     out = get_method("paro")(qx, kx, vx, cross, _ctx())
     assert torch.allclose(out, F.scaled_dot_product_attention(qx, kx, vx))
     assert paro_module.ParoMethod.overhead(get_method("paro")) is None
+
+
+def test_padded_suffix_prompt_runs_the_plan_cut_to_the_valid_tokens():
+    """HunyuanVideo-style: text suffix, row 0 has all 6 text tokens valid, row 1 only 2 (key-padding mask)."""
+    grid, nt = (2, 3, 5), 6
+    nv = math.prod(grid)
+    n = nv + nt
+    plan = make_plan(grid=grid, text_len=nt, text_first=False, density=0.4, seed=11)
+    q, k, v = _inputs(n, batch=2, seed=12)
+    lengths = (6, 2)
+    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., nv + 2:] = False
+    layout = TokenLayout(n, grid, text=slice(nv, n), text_lengths=lengths)
+    method = ParoMethod(plan=plan, backend="reference")
+    order = head_token_order(grid, plan.orders[0].tolist(), TextSpec(nt, "suffix"))
+    for step in range(4):
+        out = method(q, k, v, layout, _ctx(step), attn_mask=mask)
+        keep = plan.keep(bucket_of(step, 4, 3), 0)
+        full = _manual(q[:1], k[:1], v[:1], keep, order, 16)
+        cut = nv + 2
+        nb = -(-cut // 16)
+        short = _manual(q[1:, :, :cut], k[1:, :, :cut], v[1:, :, :cut], keep[:, :nb, :nb], order[:, :cut], 16)
+        pad_rows = F.scaled_dot_product_attention(q[1:, :, cut:], k[1:, :, :cut], v[1:, :, :cut])
+        assert (out[:1] - full).abs().max().item() <= 1e-5
+        assert (out[1:, :, :cut] - short).abs().max().item() <= 1e-5
+        assert (out[1:, :, cut:] - pad_rows).abs().max().item() <= 1e-5
