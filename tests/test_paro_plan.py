@@ -43,6 +43,7 @@ def test_buckets_per_step_first_half_one_shared_second_half():
     assert [bucket_of(s, 30, 16) for s in range(30)] == list(range(15)) + [15] * 15
     assert [bucket_of(s, 10, 4) for s in range(10)] == [0, 0, 1, 1, 2, 3, 3, 3, 3, 3]
     assert [bucket_of(s, 5, 1) for s in range(5)] == [0] * 5
+    assert [bucket_of(s, 5, 3) for s in range(5)] == [0, 1, 2, 2, 2]  # odd: the first half is 5 // 2 = 2 steps
     assert [bucket_of(s, 1, 1) for s in range(1)] == [0]
     check_num_buckets(16, 30)
     with pytest.raises(ConfigError, match="num_buckets"):
