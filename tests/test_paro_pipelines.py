@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffaccel
-from diffaccel.calibrate.driver import calibrate_pipeline, ensure_plan, plan_path_for
+from diffaccel.calibrate.driver import calibrate_pipeline, ensure_plan, plan_path_for, read_prompts
 from diffaccel.errors import ConfigError, UnsupportedModelError
 from diffaccel.methods.paro import ParoConfig, ParoMethod
 from diffaccel.methods.paro_plan import load_plan, text_blocks
@@ -40,6 +40,12 @@ def _generate(pipe, kwargs, seed=0) -> torch.Tensor:
 
 
 def _calibrate(name: str, steps: int | None = None, **config):
+    return _calibrate_cached(name, steps, tuple(sorted(config.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrate_cached(name: str, steps: int | None, items: tuple):
+    config = dict(items)
     pipe, kwargs = _pipe(name), _kwargs(name, steps)
     cfg = ParoConfig(backend="reference", **config)
     return calibrate_pipeline(pipe, model=name, prompts=["a red fox"], kwargs=kwargs,
@@ -106,7 +112,7 @@ def test_unet_is_refused():
 
 
 def test_plan_of_another_model_is_refused(tmp_path):
-    plan = _calibrate("tiny-wan", block_size=16).plan
+    plan = _calibrate("tiny-wan", steps=1, density=1.0, block_size=16).plan  # the density-1 test's plan (cached)
     path = plan.save(tmp_path / "wan.safetensors")
     with pytest.raises(ConfigError, match="config hash"):
         diffaccel.apply(_pipe("tiny-cogvideox"), "paro", plan=str(path))
@@ -143,15 +149,19 @@ def test_calibrate_cli_writes_plan_summary_and_heatmap(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# calibration prompts\na red fox\n\na blue bird\na third one\n")
+    assert read_prompts(str(prompts), 2) == ["a red fox", "a blue bird"]
+    assert read_prompts("a red fox", 2) == ["a red fox"]
+    with pytest.raises(ConfigError, match="num_prompts"):
+        read_prompts("x", 0)
     out = tmp_path / "plan.safetensors"
     with pytest.raises(SystemExit) as exc:
-        main(["calibrate", "--method", "paro", "--model", "tiny-wan", "--prompts", str(prompts), "--num-prompts", "2",
-              "--density", "0.5", "--block", "16", "--backend", "reference", "--out", str(out)])
+        main(["calibrate", "--method", "paro", "--model", "tiny-wan", "--prompts", "a red fox", "--num-prompts", "2",
+              "--density", "0.5", "--block", "16", "--steps", "1", "--backend", "reference", "--out", str(out)])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "calibration" in text and "dense generation" in text and "ratio" in text
     plan = load_plan(out)
-    assert plan.prompts == 2 and plan.block == 16 and math.isclose(plan.density, 0.5)
+    assert plan.prompts == 1 and plan.block == 16 and math.isclose(plan.density, 0.5)
     assert (tmp_path / "plan.summary.md").read_text().count("| blocks.") == len(plan.layers) * plan.heads
     assert (tmp_path / "plan.png").stat().st_size > 1000
     with pytest.raises(SystemExit) as exc:
