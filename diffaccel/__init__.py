@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "ClearAttnProcessor": "diffaccel.pipelines.named_processors",
     "GNAAttnProcessor": "diffaccel.pipelines.named_processors",
     "MSWAttnProcessor": "diffaccel.pipelines.named_processors",
+    "ParoAttnProcessor": "diffaccel.pipelines.named_processors",
     "TileAttnProcessor": "diffaccel.pipelines.named_processors",
 }
 """Public name -> the module that defines it (imported when the name is first read)."""
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
         ClearAttnProcessor,
         GNAAttnProcessor,
         MSWAttnProcessor,
+        ParoAttnProcessor,
         TileAttnProcessor,
     )
     from diffaccel.pipelines.processor import DiffAccelAttnProcessor

@@ -411,6 +411,10 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
     check_method_reaches(pipe, method, resolved_steps(pipe, kwargs))
     video = is_video_pipeline(pipe)
+    from diffaccel.calibrate.driver import ensure_plan  # PARO without a plan: calibrate on the prompt, save the plan
+
+    ensure_plan(method, pipe, model=model, model_slug=_slug(model), prompt=opts.prompt, kwargs=kwargs,
+                steps=resolved_steps(pipe, kwargs), seed=opts.seed, out=opts.out)
 
     def call(label: str) -> tuple[torch.Tensor, Timing]:
         return run_pipeline(pipe, opts.prompt, kwargs, opts.seed, label)

@@ -28,6 +28,7 @@ LAYER_OF = {
     "cli": "app",
     "run": "app",
     "bench": "app",
+    "calibrate": "app",
     "eval": "app",
     "demo": "app",
     "pipelines": "pipelines",

@@ -248,6 +248,7 @@ def check_clear_weights(method: str, opt: Option, tmp_path: Path) -> None:
 
 
 SOFTPAG = "test_softpag.py"
+PARO, PARO_PLAN, PARO_PIPES = "test_paro_method.py", "test_paro_plan.py", "test_paro_pipelines.py"
 OPTIONS: dict[tuple[str, str], Option] = {
     # --- gna (defaults on (5, 7): the image preset scaled to a (2, 2) window) --------------------------------------
     **locality_rows("gna", scenario=JOINT2D, base={"backend": "reference"}, override=("kernel_size", 3)),
@@ -313,6 +314,32 @@ OPTIONS: dict[tuple[str, str], Option] = {
     ("agent", "use_rand"): Option(False, "output", "fixed destinations instead of random ones", IMAGE2D,
                                   {"mode": "agentsd"}),
     ("agent", "seed"): Option(1, "output", "other random destinations", IMAGE2D, {"mode": "agentsd"}),
+    # --- paro: needs a calibrated plan (built in its own tests), so every row names the tests that turn it on -----
+    ("paro", "plan"): Option(None, "covered", "the plan's orders and bucket masks are what runs", tests=(
+        f"{PARO}::test_method_equals_the_explicit_reference_with_per_head_orders_and_bucket_masks",
+        f"{PARO_PIPES}::test_generate_calibrates_on_the_fly_once_then_reuses_the_plan")),
+    ("paro", "density"): Option(None, "covered", "calibration density; refused when it differs from the plan's",
+                                tests=(f"{PARO_PIPES}::test_calibration_hits_the_density_within_one_block_per_row",
+                                       f"{PARO_PLAN}::test_mismatched_plans_are_refused_with_what_differs")),
+    ("paro", "block_size"): Option(None, "covered", "mask block of calibration; refused against another plan's",
+                                   tests=(f"{PARO_PIPES}::test_calibrate_cli_writes_plan_summary_and_heatmap",
+                                          f"{PARO_PLAN}::test_mismatched_plans_are_refused_with_what_differs")),
+    ("paro", "alpha"): Option(None, "covered", "weights the order metrics", tests=(
+        f"{PARO_PLAN}::test_order_choice_prefers_sparse_and_coherent_orders",
+        f"{PARO}::test_calibration_options_reach_the_measurement")),
+    ("paro", "num_buckets"): Option(None, "covered", "mask buckets of the plan", tests=(
+        f"{PARO}::test_calibration_options_reach_the_measurement",
+        f"{PARO_PLAN}::test_buckets_per_step_first_half_one_shared_second_half")),
+    ("paro", "search_steps"): Option(None, "covered", "steps that choose the orders", tests=(
+        f"{PARO}::test_calibration_options_reach_the_measurement",)),
+    ("paro", "sample_blocks"): Option(None, "covered", "query blocks sampled for the order metrics", tests=(
+        f"{PARO}::test_calibration_options_reach_the_measurement",)),
+    ("paro", "qk_int8"): Option(None, "covered", "INT8 Q.K: bounded, unbiased", tests=(
+        f"{PARO}::test_int8_paths_bounded_and_unbiased", f"{PARO}::test_fp16_at_the_range_edges_stays_finite")),
+    ("paro", "pv_int8"): Option(None, "covered", "INT8 P.V: bounded, unbiased", tests=(
+        f"{PARO}::test_int8_paths_bounded_and_unbiased", f"{PARO}::test_fp16_at_the_range_edges_stays_finite")),
+    ("paro", "backend"): Option(None, "covered", "Triton kernel equals the reference", tests=(
+        f"{PARO}::test_density_one_equals_dense", f"{PARO}::test_triton_kernel_runs_the_plan_like_the_reference")),
     # --- softpag: a guidance method, applied to pipelines (it needs perturbed batch rows) -------------------------
     ("softpag", "heads"): Option(None, "covered", "head selection of the perturbed branch", tests=(
         f"{SOFTPAG}::test_method_blends_selected_heads_of_perturbed_rows_only", f"{SOFTPAG}::test_heads_json_file")),

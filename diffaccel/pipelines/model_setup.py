@@ -18,6 +18,7 @@ import torch
 
 from diffaccel.methods.base import AttentionMethod
 from diffaccel.methods.clear import ClearMethod
+from diffaccel.methods.paro import ParoMethod
 from diffaccel.pipelines.clear_weights import installed_clear_weights, load_clear_weights
 from diffaccel.warn import warn_once
 
@@ -131,3 +132,35 @@ def _clear_note_module(method: ClearMethod, attn: torch.nn.Module) -> None:
 
 
 register_model_setup(ClearMethod, ModelSetup(_clear_setup, _clear_leftover, _clear_note_module))
+
+
+# ---------------------------------------------------------------------------------------------- PARO
+
+
+def model_config_hash(model: torch.nn.Module) -> str:
+    """A short hash of a denoiser's config (class name + public config entries): what a PARO plan was measured on.
+
+    Private entries (``_name_or_path``, ``_diffusers_version``...) are left out, so a hub id and a saved copy of it
+    hash alike.
+    """
+    import hashlib
+    import json
+
+    config = getattr(model, "config", None) or {}
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    text = json.dumps({"class": type(model).__name__, "config": public}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """The model's hub id or folder when diffusers recorded it, else its class name."""
+    config = getattr(model, "config", None) or {}
+    return str(dict(config).get("_name_or_path") or type(model).__name__)
+
+
+def _paro_setup(method: ParoMethod, model: torch.nn.Module) -> None:
+    """Tell the method which model it runs on, so a plan calibrated on another model is refused."""
+    method.note_model(model_id(model), model_config_hash(model))
+
+
+register_model_setup(ParoMethod, ModelSetup(_paro_setup))

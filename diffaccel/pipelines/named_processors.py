@@ -56,6 +56,13 @@ class MSWAttnProcessor(_NamedProcessor):
     method_name = "msw"
 
 
+class ParoAttnProcessor(_NamedProcessor):
+    """PAROAttention (method ``paro``): ``ParoAttnProcessor(plan="plan.safetensors", qk_int8=True)``; install it with
+    :func:`diffaccel.apply` so the run context (grid, step) and the model check reach it."""
+
+    method_name = "paro"
+
+
 class ClearAttnProcessor(_NamedProcessor):
     """CLEAR circular local window (method ``clear``).
 
@@ -93,4 +100,5 @@ class ClearAttnProcessor(_NamedProcessor):
         )
 
 
-__all__ = ["AgentAttnProcessor", "ClearAttnProcessor", "GNAAttnProcessor", "MSWAttnProcessor", "TileAttnProcessor"]
+__all__ = ["AgentAttnProcessor", "ClearAttnProcessor", "GNAAttnProcessor", "MSWAttnProcessor", "ParoAttnProcessor",
+           "TileAttnProcessor"]
