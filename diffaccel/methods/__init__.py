@@ -16,6 +16,7 @@ from diffaccel.methods.gna import GNAConfig, GNAMethod
 from diffaccel.methods.tile import TileConfig, TileMethod
 from diffaccel.methods.clear import ClearConfig, ClearMethod
 from diffaccel.methods.msw import MSWConfig, MSWMethod
+from diffaccel.methods.adaspa import AdaSpaConfig, AdaSpaMethod
 
 __all__ = [
     "AttentionMethod",
