@@ -108,7 +108,7 @@ class VMoBAConfig(MethodConfig):
     select: str = field(default="topk", metadata=config_help(
         "'topk' (training-free default) or 'threshold' (cumulative min-max normalized score share, released code)"))
     threshold: float = field(default=0.25, metadata=config_help(
-        "tau of select='threshold', in (0, 1]; 1 keeps every partition (paper 0.25)"))
+        "tau of select='threshold', in (0, 1] (paper 0.25); even 1 drops the lowest-scoring partition (0 after min-max)"))
     dense_fraction: float = field(default=0.25, metadata=config_help(
         "fraction of the first denoising steps that run dense, in [0, 1] (paper 25 %)"))
     path: str = field(default="fast", metadata=config_help(
