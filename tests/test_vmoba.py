@@ -265,3 +265,30 @@ def test_config_is_validated():
                 {"block_select": "max"}, {"block_size": 8}, {"min_mass": -1}, {"backend": "x"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             get_method("vmoba", **bad)
+
+
+FAMILIES = {"tiny-wan": "vmoba", "tiny-hunyuan-video": "adaspa", "tiny-cogvideox": "vmoba", "tiny-ltx": "adaspa",
+            "tiny-flux": "vmoba", "tiny-sd3": "adaspa"}
+"""One method per family (CI time); each method meets video and image grids, text prefix, suffix and padded."""
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_online_methods_run_sparse_on_every_family(name):
+    """Processors of every video family and of FLUX/SD3 (2-D grids), through the layout alone."""
+    import diffaccel
+    from diffaccel.pipelines.tiny import build_tiny, tiny_spec
+
+    pipe = build_tiny(name)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = tiny_spec(name).call_kwargs()
+    for method, cfg in [(FAMILIES[name], {"sparsity": 0.5} if FAMILIES[name] == "adaspa" else {})]:
+        m = get_method(method, block_size=16, backend="reference", **cfg)
+        diffaccel.apply(pipe, m)
+        try:
+            out = pipe("a red house", generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
+        finally:
+            diffaccel.remove(pipe)
+        frames = out.frames if hasattr(out, "frames") else out.images
+        assert torch.isfinite(frames).all()
+        info = m.overhead()
+        assert info is not None and info["sparse_calls"] > 0, f"{method} never ran sparse on {name}"
