@@ -292,3 +292,20 @@ def test_online_methods_run_sparse_on_every_family(name):
         assert torch.isfinite(frames).all()
         info = m.overhead()
         assert info is not None and info["sparse_calls"] > 0, f"{method} never ran sparse on {name}"
+
+
+def test_generate_prints_one_overhead_line():
+    from types import SimpleNamespace
+
+    from diffaccel.run import overhead_line
+
+    base = {"search_s": 0.5, "saved_s": 10.0, "sparse_calls": 4.0, "unmatched_sparse_calls": 0.0,
+            "dense_attention_s": 1.0, "sparse_attention_s": 2.0, "search_over_saved": 0.05}
+    line = overhead_line(SimpleNamespace(overhead=base, device="cuda:0", method="vmoba"))
+    assert line.startswith("vmoba overhead (last run, CUDA events)") and "5.0 % of the saving" in line
+    unmatched = overhead_line(SimpleNamespace(overhead={**base, "unmatched_sparse_calls": 4.0}, device="cpu",
+                                              method="adaspa"))
+    assert "wall clock on the CPU" in unmatched and "no dense call" in unmatched
+    slower = overhead_line(SimpleNamespace(overhead={**base, "saved_s": -1.0}, device="cpu", method="adaspa"))
+    assert "nothing saved" in slower
+    assert overhead_line(SimpleNamespace(overhead=None, device="cpu", method="gna")) is None
