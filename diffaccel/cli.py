@@ -120,6 +120,7 @@ def generate(
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
     from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table
+    from diffaccel.run import overhead_line
 
     options = GenerateOptions(
         method=method,
@@ -142,6 +143,8 @@ def generate(
     console = Console()
     result = run_generate(options)
     console.print(results_table(result))
+    if (line := overhead_line(result)) is not None:
+        console.print(line)
     if result.video is not None:
         how = "mp4" if result.video.format == "mp4" else f"GIF ({result.video.note})"
         console.print(f"video ({how}): {result.output_path}")

@@ -373,6 +373,8 @@ class GenerateResult:
     output_path: Path
     video: WrittenVideo | None = None
     side_by_side_path: Path | None = None
+    overhead: dict[str, float] | None = None
+    """The method's ``overhead()`` after its last run (online methods: search/scoring seconds vs attention saved)."""
 
     @property
     def dense(self) -> RunRecord | None:
@@ -429,6 +431,8 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     finally:
         remove(pipe)
     output = timed[0][-1][0]
+    overhead_fn = getattr(method, "overhead", None)
+    overhead = overhead_fn() if callable(overhead_fn) else None
     method_samples = tuple(t for _, t in timed[0])
     reference = None
     runs: list[RunRecord] = []
@@ -472,6 +476,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         output_path=output_path,
         video=written,
         side_by_side_path=sbs,
+        overhead=overhead,
     )
 
 
@@ -484,6 +489,27 @@ def overhead_note(result: GenerateResult) -> str | None:
         return None
     where = [w for w, cond in (("CPU", not result.device.startswith("cuda")), ("tiny model", is_tiny(result.model))) if cond]
     return f"{', '.join(where)}: these times measure overheads, not attention speed."
+
+
+def overhead_line(result: GenerateResult) -> str | None:
+    """One line with the method's overhead accounting (the ``overhead()`` contract), or None without one."""
+    info = result.overhead
+    if not info:
+        return None
+    clock = "CUDA events" if result.device.startswith("cuda") else "wall clock on the CPU"
+    if "search_s" in info and "saved_s" in info:
+        saved = info["saved_s"]
+        if info.get("sparse_calls") and info.get("unmatched_sparse_calls") == info["sparse_calls"]:
+            share = "no dense call of the same layers in this run to compare with"
+        elif saved > 0:
+            share = f"{100 * info['search_s'] / saved:.1f} % of the saving"
+        else:
+            share = "nothing saved: the sparse calls were not faster than dense here"
+        return (
+            f"{result.method} overhead (last run, {clock}): search/scoring {info['search_s']:.4f} s vs attention "
+            f"saved {saved:.4f} s against dense on the same layers ({share})"
+        )
+    return f"{result.method} overhead (last run, {clock}): " + ", ".join(f"{k} {v:.4g}" for k, v in info.items())
 
 
 def results_table(result: GenerateResult):

@@ -247,6 +247,15 @@ def check_clear_weights(method: str, opt: Option, tmp_path: Path) -> None:
         diffaccel.remove(untouched)
 
 
+ADASPA, VMOBA = "test_adaspa.py", "test_vmoba.py"
+
+
+def _covered(method: str, rows: dict[str, tuple[str, ...]], file: str) -> dict:
+    """Rows of a stateful method whose options are tested over whole step schedules in its own test file."""
+    return {(method, f): Option(None, "covered", f"see {file}", tests=tuple(f"{file}::{t}" for t in tests))
+            for f, tests in rows.items()}
+
+
 SOFTPAG = "test_softpag.py"
 PARO, PARO_PLAN, PARO_PIPES = "test_paro_method.py", "test_paro_plan.py", "test_paro_pipelines.py"
 OPTIONS: dict[tuple[str, str], Option] = {
@@ -361,6 +370,30 @@ OPTIONS: dict[tuple[str, str], Option] = {
         f"{SOFTPAG}::test_composes_with_another_method",)),
     ("softpag", "method_config"): Option(None, "covered", "the inner method's parameters", tests=(
         f"{SOFTPAG}::test_composes_with_another_method",)),
+    # --- adaspa / vmoba: online methods, options checked over step schedules in their own files (issue 10) ------
+    **_covered("adaspa", {
+        "sparsity": ("test_option_sparsity_sets_the_kept_fraction", "test_sparsity_zero_equals_dense"),
+        "block_size": ("test_option_block_size_changes_the_block_grid",),
+        "search_at": ("test_option_search_at_schedule_follows_the_run_length",),
+        "recall_threshold": ("test_option_head_adaptive_and_recall_threshold",),
+        "head_adaptive": ("test_option_head_adaptive_and_recall_threshold",),
+        "min_recall": ("test_option_min_recall_keeps_more_blocks_for_diffuse_heads",),
+        "backend": ("test_option_backend_triton_equals_reference",),
+    }, ADASPA),
+    **_covered("vmoba", {
+        "topk": ("test_option_changes_the_output", "test_keeping_everything_equals_dense"),
+        "temporal_size": ("test_option_changes_the_output",),
+        "spatial_size": ("test_option_changes_the_output",),
+        "cube_size": ("test_option_changes_the_output",),
+        "select": ("test_option_changes_the_output", "test_reference_equals_brute_force_per_query"),
+        "threshold": ("test_option_changes_the_output",),
+        "dense_fraction": ("test_dense_warmup_follows_the_run_length",),
+        "path": ("test_option_path_and_block_size_and_kept_blocks", "test_fast_path_error_stays_below_the_documented_bound"),
+        "block_select": ("test_option_block_select_union_is_a_superset_of_each_query",),
+        "block_size": ("test_option_path_and_block_size_and_kept_blocks",),
+        "min_mass": ("test_option_min_mass_adds_blocks", "test_keeping_everything_equals_dense"),
+        "backend": ("test_fast_path_triton_kernels_equal_reference_backend",),
+    }, VMOBA),
 }
 
 

@@ -52,3 +52,8 @@ __all__ = [
 from diffaccel.kernels.stats import attention_with_lse, block_attention_mass  # noqa: E402
 
 __all__ += ["attention_with_lse", "block_attention_mass"]
+
+# VMoBA's router: query . mean key per key partition, reduced per query block.
+from diffaccel.kernels.block_scores import block_scores  # noqa: E402
+
+__all__ += ["block_scores"]

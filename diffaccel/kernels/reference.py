@@ -288,3 +288,33 @@ def block_attention_mass_reference(
     out = torch.cat(rows, dim=-2)
     assert out.shape[-2] == n_qb
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block scores (VMoBA's router: query . mean key of a key partition)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def block_scores_reference(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    block_size: int,
+    *,
+    token_order: torch.Tensor | None = None,
+    per_query: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores ``q . c_p`` (unscaled, float32) of every query against every centroid ``c_p``.
+
+    Returns ``(block_mean, scores)``: ``block_mean`` ``(B, H, ceil(N / block_size), P)`` is the mean over the
+    queries of each block of ``block_size`` consecutive kernel positions (rows of ``q`` read through
+    ``token_order`` when given); ``scores`` ``(B, H, N, P)`` in kernel order when ``per_query``, else None.
+    """
+    qk = q if token_order is None else gather_tokens(q, token_order)
+    s = torch.einsum("bhnd,bhpd->bhnp", qk.float(), centroids.float())
+    B, H, N, P = s.shape
+    nb = -(-N // block_size)
+    padded = torch.nn.functional.pad(s, (0, 0, 0, nb * block_size - N)).view(B, H, nb, block_size, P)
+    counts = torch.full((nb,), float(block_size), device=s.device)
+    counts[-1] = N - (nb - 1) * block_size
+    mean = padded.sum(3) / counts.view(1, 1, nb, 1)
+    return mean, (s if per_query else None)

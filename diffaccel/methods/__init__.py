@@ -17,6 +17,8 @@ from diffaccel.methods.tile import TileConfig, TileMethod
 from diffaccel.methods.clear import ClearConfig, ClearMethod
 from diffaccel.methods.msw import MSWConfig, MSWMethod
 from diffaccel.methods.paro import ParoConfig, ParoMethod
+from diffaccel.methods.adaspa import AdaSpaConfig, AdaSpaMethod
+from diffaccel.methods.vmoba import VMoBAConfig, VMoBAMethod
 
 __all__ = [
     "AttentionMethod",
