@@ -279,8 +279,8 @@ def run_e2e(cfg: E2EConfig) -> dict:
                 return None
             return _guarded(entry, lambda: (bench.install(entry), run())[1])
 
-        for entry in entries:  # warm-up: compilation, autotuning, static plans
-            for _ in range(max(cfg.warmup, 1) if entry.processor is not None else cfg.warmup):
+        for entry in entries:  # warm-up: compilation, autotuning, static plans (--warmup 0: inside the timed steps)
+            for _ in range(cfg.warmup):
                 each(entry, bench.step)
         for r in range(cfg.rounds):
             shift = r % len(entries)
