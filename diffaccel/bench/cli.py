@@ -70,7 +70,9 @@ def _parse_method_sets(values: list[str]) -> dict[str, dict]:
 
 @bench_app.command("e2e")
 def e2e(
-    model_config: str = typer.Option("flux-dev", "--model-config", help="real denoiser configuration (see --list)"),
+    model_config: str = typer.Option(
+        "flux-dev", "--model-config", help="real denoiser configuration(s), comma-separated (see --list)"
+    ),
     scale: str = typer.Option("full", "--scale", help="full (real sizes) or tiny (same code, CPU-sized)"),
     height: int = typer.Option(None, "--height", help="pixels (default: the pipeline's)"),
     width: int = typer.Option(None, "--width", help="pixels (default: the pipeline's)"),
@@ -97,9 +99,6 @@ def e2e(
     <out>/<date>-<device>-e2e-<model>[-tiny].json, .md and .png. Methods that cannot run on the model get a
     'refused' row with the reason.
     """
-    import shlex
-    import sys
-
     from diffaccel.bench.model_configs import MODEL_CONFIGS, check_scale
 
     if list_configs:
@@ -109,6 +108,22 @@ def e2e(
             typer.echo(f"{name:14s} {mc.model_class:32s} {size:14s} {mc.source}")
         return
     check_scale(scale)
+    from diffaccel.bench.model_configs import model_config as mc_lookup
+
+    names = [m.strip() for m in model_config.split(",") if m.strip()]
+    for name in names:  # every name checked before anything runs
+        mc_lookup(name)
+    for name in names:
+        _run_e2e_one(name, scale, height, width, frames, methods, set_, backend, dtype, device, steps_timed, warmup,
+                     step, num_steps, seed, out, no_plot, no_progress)  # fmt: skip
+
+
+def _run_e2e_one(model_config: str, scale: str, height, width, frames, methods: str, set_: list[str], backend, dtype,
+                 device, steps_timed, warmup, step, num_steps, seed, out, no_plot, no_progress) -> None:  # fmt: skip
+    """One model configuration of ``diffaccel bench e2e``: run, write the outputs, print the table."""
+    import shlex
+    import sys
+
     from diffaccel.bench.e2e import E2EConfig, run_e2e
     from diffaccel.bench.e2e_report import render_markdown, write_outputs
 
