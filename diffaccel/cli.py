@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffaccel.bench.cli import bench_app
+from diffaccel.demo.command import demo_command
 from diffaccel.errors import DiffAccelError
 from diffaccel.pipelines.headhunt import headhunt_command
 
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 app.command("headhunt")(headhunt_command)
+app.command("demo")(demo_command)
 
 
 @app.command()
