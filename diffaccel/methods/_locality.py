@@ -161,8 +161,8 @@ class LocalityMethod(MethodBase):
         self._layer_configs: dict[str | None, LocalityConfig | None] = {}
         self._plans: dict[tuple, AttentionPlan | None] = {}
         self._row_groups: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
-        self._last_plans: dict[str | None, AttentionPlan | None] = {}
-        """The plan of each layer's most recent call (None: it ran dense), for :meth:`kept_blocks`."""
+        self._last_plans: dict[str | None, tuple[AttentionPlan, int, int] | None] = {}
+        """(plan, tokens, block size) of each layer's most recent call (None: it ran dense), for :meth:`kept_blocks`."""
 
     def config_for(self, layer: str | None) -> LocalityConfig | None:
         """The resolved configuration of ``layer``, or None where the method keeps the layer dense."""
@@ -192,16 +192,21 @@ class LocalityMethod(MethodBase):
         plan = self._plans.get(key, _MISSING)
         if plan is _MISSING:
             plan = self._plans[key] = self.build_plan(layout, ctx, cfg, heads=heads, device=dev)
-        self._last_plans[ctx.layer] = plan  # type: ignore[assignment]
+        self._last_plans[ctx.layer] = None if plan is None else (plan, layout.num_tokens, cfg.block_size)  # type: ignore[assignment]
         return plan  # type: ignore[return-value]
 
     def kept_blocks(self, layer: str) -> torch.Tensor | None:  # type: ignore[override]
         """The kept key blocks of ``layer``'s most recent call: its plan's block mask, full or partial, as a bool
         ``(heads or 1, q_blocks, kv_blocks)`` tensor in kernel order (batch row 0; for a per-frame plan folded into
-        the batch, one frame's mask). ``None`` when that call ran dense or the layer has not run."""
-        plan = self._last_plans.get(layer)
-        if plan is None or plan.block_mask is None:
+        the batch, one frame's mask; a plan whose mask keeps every pair, run as SDPA, is all True). ``None`` when
+        that call ran dense (a dense step, an excluded layer) or the layer has not run."""
+        last = self._last_plans.get(layer)
+        if last is None:
             return None
+        plan, tokens, block = last
+        if plan.block_mask is None:
+            nb = -(-tokens // block)
+            return torch.ones(1, nb, nb, dtype=torch.bool)
         full, partial = plan.block_mask.block_keep()
         return (full | partial)[0]
 
