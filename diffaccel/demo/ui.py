@@ -11,6 +11,7 @@ app goes on serving.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from diffaccel.demo.compare import DENSE, Comparer, CompareRequest, CompareResul
 from diffaccel.demo.params import ParamSpec, param_specs, params_from_widgets  # noqa: E402
 from diffaccel.demo.visuals import colormap, mask_image  # noqa: E402
 from diffaccel.errors import DiffAccelError  # noqa: E402
-from diffaccel.methods.base import list_methods  # noqa: E402
+from diffaccel.methods.base import get_method, list_methods  # noqa: E402
 from diffaccel.pipelines.tiny import tiny_names, tiny_spec  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ DEFAULT_METHOD_B = "gna"
 DEFAULT_PROMPT = "a red fox in a snowy forest at golden hour, detailed fur"
 NO_MASK = "no block mask (dense/linear method)"
 SIDES = ("A", "B")
+IMAGE_HEIGHT = 360
+"""Pixels of the output, heat-map and mask panels (small outputs are scaled up to it)."""
 
 
 def _fmt_psnr(value: float) -> str:
@@ -269,8 +272,10 @@ def _widget(spec: ParamSpec, side: str, method: str) -> gr.components.Component:
     return gr.Textbox(value=spec.widget_default, placeholder="JSON, e.g. [8, 8]; empty: None", **common)
 
 
-def _method_panels(side: str, methods: list[str], selected: str, widgets: list[Widget]) -> dict[str, gr.Group]:
-    """One group of generated widgets per method; only the selected method's group is visible."""
+def _method_panels(side: str, methods: list[str], selected: str, widgets: list[Widget],
+                   initial: dict[str, Any]) -> dict[str, gr.Group]:
+    """One group of generated widgets per method; only the selected method's group is visible; the selected
+    method's widgets start at ``initial`` where given."""
     groups = {}
     for method in methods:
         with gr.Group(visible=method == selected) as group:
@@ -278,6 +283,8 @@ def _method_panels(side: str, methods: list[str], selected: str, widgets: list[W
             if not specs:
                 gr.Markdown(f"`{method}` has no parameters.")
             for spec in specs:
+                if method == selected and spec.name in initial:
+                    spec = dataclasses.replace(spec, default=initial[spec.name])
                 widgets.append(Widget(side, method, spec, _widget(spec, side, method)))
         groups[method] = group
     return groups
@@ -297,17 +304,23 @@ def build_app(
     *,
     method_a: str = DENSE,
     method_b: str = DEFAULT_METHOD_B,
+    params_a: dict[str, Any] | None = None,
+    params_b: dict[str, Any] | None = None,
     device: str = "auto",
     dtype: str = "auto",
     max_pipelines: int = 1,
     comparer: Comparer | None = None,
 ) -> gr.Blocks:
     """The demo page. ``model`` is preselected (tiny names are offered, any Hub id or folder can be typed);
-    ``method_a``/``method_b`` are the sides' initial methods (every registered method is offered)."""
+    ``method_a``/``method_b`` are the sides' initial methods (every registered method is offered) and
+    ``params_a``/``params_b`` their initial parameter values (validated by the method now)."""
     methods = list_methods()
     for name, value in (("method_a", method_a), ("method_b", method_b)):
         if value not in methods:
             raise DiffAccelError(f"{name} {value!r} is not a registered method; registered: {', '.join(methods)}")
+    initial = {"A": dict(params_a or {}), "B": dict(params_b or {})}
+    for (side, method) in (("A", method_a), ("B", method_b)):
+        get_method(method, **initial[side])  # unknown names and bad values fail here, with the method's message
     comparer = comparer or Comparer(device=device, dtype=dtype, max_pipelines=max_pipelines)
     widgets: list[Widget] = []
     steps0, height0, width0, frames0 = _model_defaults(model)
@@ -336,11 +349,11 @@ def build_app(
             with gr.Column():
                 method_a_box = gr.Dropdown(methods, value=method_a, label="side A method", elem_id="method-a")
                 with gr.Accordion("side A parameters", open=False):
-                    groups_a = _method_panels("A", methods, method_a, widgets)
+                    groups_a = _method_panels("A", methods, method_a, widgets, initial["A"])
             with gr.Column():
                 method_b_box = gr.Dropdown(methods, value=method_b, label="side B method", elem_id="method-b")
                 with gr.Accordion("side B parameters", open=False):
-                    groups_b = _method_panels("B", methods, method_b, widgets)
+                    groups_b = _method_panels("B", methods, method_b, widgets, initial["B"])
         with gr.Accordion("timing", open=False):
             with gr.Row():
                 warmup_box = gr.Number(1, precision=0, label="warm-up calls per side", elem_id="warmup")
@@ -350,9 +363,9 @@ def build_app(
 
         with gr.Row():
             slider = gr.ImageSlider(label="A | B (drag to compare)", format="png", type="numpy",
-                                    elem_id="slider", interactive=False)
+                                    elem_id="slider", interactive=False, height=IMAGE_HEIGHT)
             heat = gr.Image(label="|A - B| heat map (scaled to its peak)", format="png", type="numpy",
-                            elem_id="heat", interactive=False)
+                            elem_id="heat", interactive=False, height=IMAGE_HEIGHT)
         with gr.Row():
             speedup = gr.Textbox(label="speedup of B over A (A time / B time)", elem_id="speedup",
                                  interactive=False)
@@ -373,7 +386,8 @@ def build_app(
                                       elem_id="mask-head")
                 mask_density = gr.Markdown(NO_MASK, elem_id="mask-density")
             mask_img = gr.Image(label="kept key blocks (rows: query blocks, columns: key blocks; white = kept)",
-                                format="png", type="numpy", elem_id="mask", interactive=False, scale=2)
+                                format="png", type="numpy", elem_id="mask", interactive=False, scale=2,
+                                height=IMAGE_HEIGHT)
 
         handlers = DemoHandlers(comparer, widgets)
         demo.handlers = handlers  # type: ignore[attr-defined]  # for tests and scripts
