@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from demo_support import shared_comparer
 from diffaccel.demo.compare import Comparer, CompareRequest, SideRequest, layer_names
 from diffaccel.demo.ui import NO_MASK, build_app
 from diffaccel.eval.fidelity import compare
@@ -31,7 +32,7 @@ def request(**changes) -> CompareRequest:
 
 @pytest.fixture(scope="module")
 def comparer() -> Comparer:
-    return Comparer(device="cpu")
+    return shared_comparer()
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,9 @@ def test_generate_fills_every_panel_and_the_mask_panel_follows_layer_and_head(ha
                                       ("B", "gna", "kernel_size"): "5"})
     out = handlers.generate("tiny-flux", "a fox", 1, 2, 64, 64, None, "dense", "gna", 0, 1, *values, progress=None)
     (img_a, img_b), heat, timing, speedup, fidelity, clip, plot, notes, masks, side, layer, head, mask, density = out
-    assert img_a.shape == img_b.shape == heat.shape == (64, 64, 3) and img_a.dtype == np.uint8
+    assert img_a.shape == img_b.shape == (64, 64, 3) and img_a.dtype == np.uint8
+    assert heat.shape == (256, 256, 3) and np.array_equal(heat[::4, ::4], heat[3::4, 3::4])  # whole-pixel zoom
+    assert tuple(heat.reshape(-1, 3).max(0)) == (252, 255, 164) or heat.max() == 0  # the peak is the top colour
     assert re.fullmatch(r"\d+\.\d\dx", speedup)
     assert "| A | dense |" in timing and "| B | gna" in timing and "overheads" in timing
     assert "PSNR" in fidelity and "SSIM" in fidelity

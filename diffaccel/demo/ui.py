@@ -123,9 +123,16 @@ def fidelity_markdown(result: CompareResult) -> str:
     return text
 
 
+HEAT_MIN_SIDE = 256
+"""Small heat maps are enlarged by a whole factor (nearest neighbour, no smoothing) to at least this many pixels."""
+
+
 def heat_image(result: CompareResult) -> np.ndarray:
+    """The heat map as uint8 RGB, 0..peak over the colormap, enlarged by whole pixels when small."""
     scaled = result.heat_map / result.heat_peak if result.heat_peak > 0 else np.zeros_like(result.heat_map)
-    return colormap(scaled)
+    rgb = colormap(scaled)
+    factor = max(1, -(-HEAT_MIN_SIDE // max(rgb.shape[:2])))
+    return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 
 
 def mask_state(result: CompareResult) -> dict[str, dict[str, np.ndarray]]:
