@@ -134,14 +134,14 @@ def test_generate_fills_every_panel_and_the_mask_panel_follows_layer_and_head(ha
     values = widget_values(handlers, {("B", "gna", "backend"): "reference", ("B", "gna", "block_size"): 64,
                                       ("B", "gna", "kernel_size"): "5"})
     out = handlers.generate("tiny-flux", "a fox", 1, 2, 64, 64, None, "dense", "gna", 0, 1, *values, progress=None)
-    (img_a, img_b), heat, timing, speedup, fidelity, clip, plot, notes, masks, side, layer, head, mask, density = out
+    (img_a, img_b), heat, timing, speedup, fidelity, clip, gif, plot, notes, masks, side, layer, head, mask, density = out
     assert img_a.shape == img_b.shape == (64, 64, 3) and img_a.dtype == np.uint8
     assert heat.shape == (256, 256, 3) and np.array_equal(heat[::4, ::4], heat[3::4, 3::4])  # whole-pixel zoom
     assert tuple(heat.reshape(-1, 3).max(0)) == (252, 255, 164) or heat.max() == 0  # the peak is the top colour
     assert re.fullmatch(r"\d+\.\d\dx", speedup)
     assert "| A | dense |" in timing and "| B | gna" in timing and "overheads" in timing
     assert "PSNR" in fidelity and "SSIM" in fidelity
-    assert clip["visible"] is False and plot["visible"] is False  # image model: no clip, no per-frame curve
+    assert not clip["visible"] and not gif["visible"] and not plot["visible"]  # image model: no clip, no curve
     assert side["value"] == "B" and layer["value"] in masks["B"] and len(layer["choices"]) == 4
     keep = masks["B"][layer["value"]]
     assert mask.ndim == 3 and "density kept" in density
@@ -167,3 +167,34 @@ def test_build_app_refuses_an_unknown_method():
 
     with pytest.raises(DiffAccelError, match="method_b 'nope' is not a registered method"):
         build_app("tiny-flux", method_b="nope", comparer=Comparer(device="cpu"))
+
+
+def test_video_result_shows_the_synchronized_clip_and_the_per_frame_curve(tmp_path):
+    """The handler's video branch on a result built here (a tiny video model run costs a minute on this CPU):
+    the server-rendered clip (GIF without an mp4 writer) and the per-frame PSNR curve become visible."""
+    from diffaccel.demo.compare import CompareResult, SideResult
+    from diffaccel.demo.ui import DemoHandlers
+    from diffaccel.demo.visuals import difference_map, frame_psnr, side_by_side_clip
+    from diffaccel.eval.timing import Timing
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(5, 3, 16, 16, generator=g)
+    b = (a + 0.02 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    clip = side_by_side_clip(a, b, ("A", "B"), tmp_path / "clip", fps=8)
+    heat, peak = difference_map(a, b)
+    req = request(model="tiny-wan", b=SideRequest("gna"))
+
+    class Fixed:
+        def run(self, req, progress=None):
+            return CompareResult(req, "WanPipeline", "cpu", "float32", True, 2,
+                                 SideResult(req.a, a, (Timing(2.0, 1.0),)), SideResult(req.b, b, (Timing(1.0, 0.5),)),
+                                 None, None, compare(b, a), heat, peak, frame_psnr(a, b), clip, [])
+
+    out = DemoHandlers(Fixed(), []).generate("tiny-wan", "a fox", 0, 2, 16, 16, 5, "dense", "gna", 0, 1, progress=None)
+    video, gif, plot = out[5], out[6], out[7]
+    shown = video if clip.format == "mp4" else gif
+    assert shown["visible"] and shown["value"] == clip.path.as_posix()
+    assert plot["visible"] and list(plot["value"]["frame"]) == [0, 1, 2, 3, 4]
+    assert np.allclose(plot["value"]["PSNR dB"], frame_psnr(a, b))
+    assert out[0][0].shape == (16, 16, 3)  # the slider shows the first frames
+    assert out[3] == "n/a"  # no speedup given

@@ -197,7 +197,10 @@ class DemoHandlers:
         layer = layers[0] if layers else None
         heads = masks[side][layer].shape[0] if layer else 1
         image, density = self.show_mask(masks, side, layer, 0)
-        video = result.clip.path.as_posix() if result.clip is not None else None
+        # mp4 plays in the video player; a GIF (no mp4 writer installed) is shown as an animated image.
+        clip = result.clip
+        video = clip.path.as_posix() if clip is not None and clip.format == "mp4" else None
+        gif = clip.path.as_posix() if clip is not None and clip.format == "gif" else None
         plot = None
         if result.frame_psnr is not None:
             plot = pd.DataFrame({"frame": list(range(len(result.frame_psnr))),
@@ -209,6 +212,7 @@ class DemoHandlers:
             speedup_text(result),
             fidelity_markdown(result),
             gr.update(value=video, visible=video is not None),
+            gr.update(value=gif, visible=gif is not None),
             gr.update(value=plot, visible=plot is not None),
             "\n".join(f"- {n}" for n in result.notes),
             masks,
@@ -378,7 +382,10 @@ def build_app(
                                  interactive=False)
             fidelity = gr.Markdown(elem_id="fidelity")
         timing = gr.Markdown(elem_id="timing")
-        clip = gr.Video(label="side by side (server-rendered, in sync)", visible=False, elem_id="clip")
+        with gr.Row():
+            clip = gr.Video(label="side by side (server-rendered, in sync)", visible=False, elem_id="clip")
+            clip_gif = gr.Image(label="side by side (server-rendered GIF, in sync)", type="filepath",
+                                visible=False, elem_id="clip-gif", interactive=False)
         frame_plot = gr.LinePlot(x="frame", y="PSNR dB", label="per-frame PSNR (B against A)", visible=False,
                                  elem_id="frame-psnr")
         notes = gr.Markdown(elem_id="notes")
@@ -435,7 +442,7 @@ def build_app(
             handlers.generate,
             [model_box, prompt_box, seed_box, steps_box, height_box, width_box, frames_box, method_a_box,
              method_b_box, warmup_box, repeats_box, *components],
-            [slider, heat, timing, speedup, fidelity, clip, frame_plot, notes, masks, mask_side, mask_layer,
+            [slider, heat, timing, speedup, fidelity, clip, clip_gif, frame_plot, notes, masks, mask_side, mask_layer,
              mask_head, mask_img, mask_density],
             api_name="generate", concurrency_id="device", concurrency_limit=1,
         )
