@@ -21,6 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from diffaccel.bench.cli import bench_app
 from diffaccel.calibrate.command import calibrate_command
+from diffaccel.demo.command import demo_command
 from diffaccel.errors import DiffAccelError
 
 # This module is imported by the console script before any command runs: it must not import torch, diffusers or
@@ -76,6 +77,7 @@ app = typer.Typer(
 # Command registrations, one line each (modules imported here must not import torch at module level).
 app.add_typer(bench_app, name="bench")
 app.command("calibrate")(calibrate_command)
+app.command("demo")(demo_command)
 
 
 GENERATE_EXAMPLES = (

@@ -161,6 +161,8 @@ class LocalityMethod(MethodBase):
         self._layer_configs: dict[str | None, LocalityConfig | None] = {}
         self._plans: dict[tuple, AttentionPlan | None] = {}
         self._row_groups: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
+        self._last_plans: dict[str | None, tuple[AttentionPlan, int, int] | None] = {}
+        """(plan, tokens, block size) of each layer's most recent call (None: it ran dense), for :meth:`kept_blocks`."""
 
     def config_for(self, layer: str | None) -> LocalityConfig | None:
         """The resolved configuration of ``layer``, or None where the method keeps the layer dense."""
@@ -182,6 +184,7 @@ class LocalityMethod(MethodBase):
         """
         cfg = self.config_for(ctx.layer)
         if cfg is None or in_dense_steps(ctx, cfg.dense_steps) or not layout.has_grid:
+            self._last_plans[ctx.layer] = None
             return None
         dev = device if isinstance(device, torch.device) else torch.device(device)
         key = (ctx.layer, layout.grid, layout.num_text, layout.text_first, layout.downsample, layout.hierarchical,
@@ -189,7 +192,23 @@ class LocalityMethod(MethodBase):
         plan = self._plans.get(key, _MISSING)
         if plan is _MISSING:
             plan = self._plans[key] = self.build_plan(layout, ctx, cfg, heads=heads, device=dev)
+        self._last_plans[ctx.layer] = None if plan is None else (plan, layout.num_tokens, cfg.block_size)  # type: ignore[assignment]
         return plan  # type: ignore[return-value]
+
+    def kept_blocks(self, layer: str) -> torch.Tensor | None:  # type: ignore[override]
+        """The kept key blocks of ``layer``'s most recent call: its plan's block mask, full or partial, as a bool
+        ``(heads or 1, q_blocks, kv_blocks)`` tensor in kernel order (batch row 0; for a per-frame plan folded into
+        the batch, one frame's mask; a plan whose mask keeps every pair, run as SDPA, is all True). ``None`` when
+        that call ran dense (a dense step, an excluded layer) or the layer has not run."""
+        last = self._last_plans.get(layer)
+        if last is None:
+            return None
+        plan, tokens, block = last
+        if plan.block_mask is None:
+            nb = -(-tokens // block)
+            return torch.ones(1, nb, nb, dtype=torch.bool)
+        full, partial = plan.block_mask.block_keep()
+        return (full | partial)[0]
 
     def plan_key(self, layout: TokenLayout, ctx: RunContext, cfg: LocalityConfig) -> Any:
         """The step-dependent part of the plan cache key (None: the plan does not depend on the step)."""
@@ -219,6 +238,7 @@ class LocalityMethod(MethodBase):
     ) -> torch.Tensor:
         cfg = self.config_for(ctx.layer)
         if cfg is None or in_dense_steps(ctx, cfg.dense_steps) or k.shape[2] != q.shape[2]:
+            self._last_plans[ctx.layer] = None
             return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         if attn_mask is not None:
             lengths = layout.text_lengths
@@ -228,6 +248,7 @@ class LocalityMethod(MethodBase):
                     f"{self.name}: an attention call with a mask other than a text key-padding mask (text suffix, "
                     "layout.text_lengths set by the adapter) runs dense",
                 )
+                self._last_plans[ctx.layer] = None
                 return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
             return self._with_text_lengths(q, k, v, layout, ctx, cfg, lengths, scale)
         return self.local_attention(q, k, v, layout, ctx, cfg, scale=scale)

@@ -157,6 +157,16 @@ class MethodBase:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def kept_blocks(self, layer: str) -> torch.Tensor | None:
+        """The key blocks kept at the most recent call of attention module ``layer`` (``ctx.layer``).
+
+        A bool tensor ``(heads or 1, q_blocks, kv_blocks)`` in the kernel's block order, on any device, for a
+        method that keeps a block mask; ``None`` for a method that keeps none (dense, linear, token merging), or
+        for a layer the method has not run sparse on. Read by the demo's mask panel (issue 15); methods with block
+        masks override it.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 

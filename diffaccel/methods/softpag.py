@@ -242,6 +242,11 @@ class SoftPAGMethod:
             idx = self._head_index[key] = torch.tensor(heads, device=out.device)
         return soft_identity(out, q, k, v, layout, rows, idx, strength, self.config.identity, scale)
 
+    def kept_blocks(self, layer: str) -> torch.Tensor | None:
+        """The inner method's kept key blocks of ``layer`` (SoftPAG keeps no mask of its own)."""
+        inner = getattr(self.inner, "kept_blocks", None)
+        return inner(layer) if callable(inner) else None
+
     def __repr__(self) -> str:
         return f"SoftPAGMethod(inner={self.inner!r}, heads={self._selection}, strength={self.config.strength})"
 
