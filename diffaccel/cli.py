@@ -250,6 +250,11 @@ METHOD_SUMMARIES: dict[str, tuple[str, str, str]] = {
     "msw": ("windowed, shifting", "UNets, DiT visual tokens", "HiDiffusion MSW-MSA shifted 2x2 windows"),
     "agent": ("linear-time approx.", "all", "Agent Attention: two softmax stages through agent tokens"),
     "softpag": ("guidance (quality)", "SD/SDXL, SD3, FLUX", "SoftPAG: per-head soft perturbed-attention guidance"),
+    "paro": ("calibrated block sparsity + INT8", "DiTs (not UNets)",
+             "PAROAttention: per-head token reordering, calibrated block masks, optional INT8"),
+    "adaspa": ("online block search", "images, video", "AdaSpa: LSE-cached block search with head-adaptive tiers"),
+    "vmoba": ("per-query block routing", "video (images: bands/tiles)",
+              "VMoBA: cyclic 1-D/2-D/3-D key partitions, top-k by query . mean key"),
 }
 """(kind, applies to, summary) of the built-in methods; a method registered elsewhere may set the class
 attributes ``kind``, ``applies_to`` and ``summary`` (else its docstring's first line is the summary)."""
