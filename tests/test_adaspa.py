@@ -287,9 +287,7 @@ def test_padded_text_and_overhead_line():
     assert m.kept_blocks(LAYER) is not None
     info = m.overhead()
     assert info is not None and info["search_s"] > 0 and info["sparse_calls"] == 4.0  # 2 steps x 2 length groups
-    from diffaccel.methods._online import format_overhead
-
-    assert "adaspa overhead" in format_overhead("adaspa", info, "cpu")
+    assert info["dense_attention_s"] > 0 and info["sparse_attention_s"] > 0
 
 
 def test_config_is_validated():

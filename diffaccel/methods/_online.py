@@ -152,18 +152,6 @@ class OverheadMeter:
         }
 
 
-def format_overhead(name: str, info: dict[str, float], device: str) -> str:
-    """One line for ``diffaccel generate``: search time against the attention time it saved."""
-    clock = "CUDA events" if device.startswith("cuda") else "wall clock on the CPU"
-    ratio = info.get("search_over_saved", float("inf"))
-    share = "n/a (nothing saved)" if ratio == float("inf") else f"{100 * ratio:.1f} % of the saving"
-    return (
-        f"{name} overhead (last run, {clock}): search/scoring {info['search_s']:.4f} s vs attention saved "
-        f"{info['saved_s']:.4f} s against dense on the same layers ({share}); sparse attention "
-        f"{info['sparse_attention_s']:.4f} s, dense attention {info['dense_attention_s']:.4f} s"
-    )
-
-
 def with_text_lengths(
     q: torch.Tensor,
     k: torch.Tensor,
