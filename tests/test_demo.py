@@ -4,7 +4,6 @@ tests/test_demo_app.py drives the served app (gradio_client and a headless brows
 
 from __future__ import annotations
 
-import math
 import re
 
 import gradio as gr
@@ -151,15 +150,11 @@ def test_generate_fills_every_panel_and_the_mask_panel_follows_layer_and_head(ha
     assert handlers.show_mask(masks, "A", None, 0) == (None, NO_MASK)
 
 
-def test_compare_api_summary_is_json(handlers):
-    summary = handlers.compare_api("tiny-flux", "a fox", "dense", "{}", "gna", '{"kernel_size": 5, "block_size": 64, '
-                                   '"backend": "reference"}', 2, 2, 64, 64, None, 0, 1)
-    assert summary["speedup"] > 0 and 10 < summary["psnr"] < 80 and 0 < summary["ssim"] <= 1
-    assert summary["b"]["params"]["kernel_size"] == 5
-    assert all(0 < d < 1 for d in summary["b"]["mask_layers"].values())
+def test_compare_api_refuses_parameters_that_are_not_a_json_object(handlers):
     with pytest.raises(gr.Error, match="params_b must be a JSON object"):
         handlers.compare_api("tiny-flux", "a fox", "dense", "{}", "gna", "[1]")
-    assert math.isfinite(summary["a"]["seconds"])
+    with pytest.raises(gr.Error, match="params_a must be a JSON object"):
+        handlers.compare_api("tiny-flux", "a fox", "dense", "{oops", "gna", "{}")
 
 
 def test_build_app_refuses_an_unknown_method():
