@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_campaign.sh --dry-run   # rehearsal on the CPU: every stage at tiny sizes (TRITON_INTERPRET=1;
 #                                               # the e2e stages run as one, both models in one process)
 #
-# Stages, in order, each under its own timeout (cut to the time left of CAMPAIGN_BUDGET_S, default 540 s; a stage
-# with under 20 s left is skipped, and says so):
+# Stages, in order, each under its own timeout (cut to the time left of CAMPAIGN_BUDGET_S, default 540 s, less 25 s;
+# SIGTERM at the limit, SIGKILL 20 s later: bench e2e then writes what it measured; a stage with under 20 s left is
+# skipped, and says so):
 #   env        GPU, driver, Python, torch, Triton, diffusers versions
 #   wheels     install the carried wheels (.whl/, made by ../shared/tools/device-wheels.sh: diffusers is not on the
 #              device image) into /tmp/site
@@ -66,7 +67,7 @@ pack() {  # everything so far into $OUT (atomic: a killed call leaves the previo
 # stage NAME CAP_SECONDS COMMAND...: run under min(CAP, time left - 10 s); record the row; pack
 stage() {
   local name=$1 cap=$2; shift 2
-  local left=$((BUDGET - SECONDS - 10)) limit
+  local left=$((BUDGET - SECONDS - 25)) limit
   limit=$(( cap < left ? cap : left ))
   if [ "$limit" -lt 20 ]; then
     echo "| $name | skipped: ${left} s left | 0 | \`$*\` |" >> "$SUMMARY"; pack; return 0
@@ -74,7 +75,7 @@ stage() {
   local start=$SECONDS rc
   if declare -F "$1" >/dev/null; then set -- bash -c "$1"; fi  # a function above (exported), under timeout too
   echo "== $name (limit ${limit} s): $*" | tee -a "$WORK/$name.log"
-  timeout --kill-after=10 "$limit" "$@" >> "$WORK/$name.log" 2>&1
+  timeout --kill-after=20 "$limit" "$@" >> "$WORK/$name.log" 2>&1
   rc=$?
   local status=ok
   if [ $rc = 124 ] || [ $rc = 137 ]; then status="timeout after ${limit} s"; elif [ $rc != 0 ]; then status="failed (exit $rc)"; fi

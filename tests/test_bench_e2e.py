@@ -9,6 +9,7 @@ counts and against the attention shapes of BENCHMARKS.md (``diffaccel.bench.shap
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ SHAPE_OF = {
 
 
 def _tiny(name: str, **kw) -> dict:
-    return run_e2e(E2EConfig(model_config=name, scale="tiny", backend="reference", rounds=1, warmup=0, progress=False, **kw))
+    settings = {"scale": "tiny", "backend": "reference", "rounds": 1, "warmup": 0, "progress": False, **kw}
+    return run_e2e(E2EConfig(model_config=name, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,10 @@ def test_every_method_runs_or_refuses(tiny_docs, name):
     check_document(doc)
     rows = {r["method"]: r for r in doc["rows"]}
     assert list(rows) == [BASELINE, *list_methods()]
-    calls = doc["model"]["attention_modules"] * doc["model"]["calls_per_step"]
+    # denoiser calls per step as the pipelines make them: Wan runs CFG as two calls, the others one (batched CFG or none)
+    assert doc["model"]["calls_per_step"] == (2 if name.startswith("wan") else 1)
+    assert doc["model"]["batch"] == (2 if name in ("sd3.5-large", "cogvideox-5b", "ltx-video") else 1)
+    calls = doc["model"]["attention_modules"] * (2 if name.startswith("wan") else 1)
     for method, row in rows.items():
         assert row["status"] in ("ok", "refused"), (method, row["status"], row["reason"])
         if row["status"] == "refused":
@@ -277,3 +282,41 @@ def test_cli_errors_are_one_line(capsys):
             main(["bench", "e2e", *argv])
         assert done.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(expected), argv
+
+
+def test_sigterm_reports_the_rounds_measured_so_far(monkeypatch):
+    """The campaign's stage timeout sends SIGTERM: the finished rounds are still reported, the rest is marked."""
+    import signal
+
+    calls = []
+    original = e2e_mod._Bench.step
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 5:  # rounds of 2 rows, no warm-up: the first row of the third round
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(e2e_mod._Bench, "step", step)
+    doc = _tiny("sd3.5-large", methods=("dense",), rounds=4)
+    check_document(doc)
+    assert "SIGTERM" in doc["meta"]["interrupted"]
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert [len(r["step_ms_all"]) for r in doc["rows"]] == [2, 2]  # the interrupted step is not counted
+    assert rows["dense"]["speedup"] is not None and rows["dense"]["attention_ms"] is None  # no breakdown step ran
+    assert signal.getsignal(signal.SIGTERM) is not None and len(calls) == 5
+
+
+def test_sigterm_before_any_round_marks_rows_interrupted(monkeypatch):
+    import signal
+
+    def step(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(e2e_mod._Bench, "step", step)
+    doc = _tiny("flux-dev", methods=("dense", "tile"))
+    check_document(doc)
+    statuses = {r["method"]: r["status"] for r in doc["rows"]}
+    # tile would refuse flux at its first call, which never came
+    assert statuses == {"stock": "interrupted", "dense": "interrupted", "tile": "interrupted"}
+    assert all("SIGTERM" in r["reason"] for r in doc["rows"])

@@ -20,13 +20,17 @@ on the CPU times are wall clock and say nothing about GPU speed.
 
 A method that cannot run on the model (a :class:`~diffaccel.errors.DiffAccelError` while installing or warming
 up: a family it does not support, a parameter it rejects) becomes a ``refused`` row with the reason; any other
-failure an ``error`` row, out-of-memory an ``oom`` row: the run goes on.
+failure an ``error`` row, out-of-memory an ``oom`` row: the run goes on. A SIGTERM (the campaign's per-stage
+``timeout``) ends the measurement where it is: the rounds finished so far are reported, rows never timed are
+``interrupted``, and ``meta.interrupted`` says so, so a stage cut short still leaves its results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import threading
 import statistics
 import sys
 import warnings
@@ -103,6 +107,27 @@ def _resolve_device(device: str | None) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return device
+
+
+class Interrupted(BaseException):
+    """A SIGTERM arrived during the measurement (a BaseException: no row's error handler swallows it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` while measuring (main thread only; the previous handler restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum} (SIGTERM) during the measurement")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -279,28 +304,39 @@ def run_e2e(cfg: E2EConfig) -> dict:
                 return None
             return _guarded(entry, lambda: (bench.install(entry), run())[1])
 
-        for entry in entries:  # warm-up: compilation, autotuning, static plans (--warmup 0: inside the timed steps)
-            for _ in range(cfg.warmup):
-                each(entry, bench.step)
-        for r in range(cfg.rounds):
-            shift = r % len(entries)
-            for entry in entries[shift:] + entries[:shift]:
-
-                def timed(entry: _Entry = entry) -> None:
-                    if bench.cuda:
-                        torch.cuda.reset_peak_memory_stats(device)
-                    entry.times.append(time_call(bench.step, bench.cuda))
-                    if bench.cuda:
-                        entry.peak = max(entry.peak or 0, torch.cuda.max_memory_allocated(device))
-
-                each(entry, timed)
-        rows = []
-        timer = AttentionTimer(bench.modules, bench.cuda)
+        measured: dict[str, dict[str, Any]] = {}
+        interrupted = None
+        timer: AttentionTimer | None = None
         try:
-            for entry in entries:
-                rows.append(_breakdown(bench, entry, timer, layers, each))
+            with _sigterm_interrupts():
+                for entry in entries:  # warm-up: compilation, autotuning, static plans (--warmup 0: in the timed steps)
+                    for _ in range(cfg.warmup):
+                        each(entry, bench.step)
+                for r in range(cfg.rounds):
+                    shift = r % len(entries)
+                    for entry in entries[shift:] + entries[:shift]:
+
+                        def timed(entry: _Entry = entry) -> None:
+                            if bench.cuda:
+                                torch.cuda.reset_peak_memory_stats(device)
+                            entry.times.append(time_call(bench.step, bench.cuda))
+                            if bench.cuda:
+                                entry.peak = max(entry.peak or 0, torch.cuda.max_memory_allocated(device))
+
+                        each(entry, timed)
+                timer = AttentionTimer(bench.modules, bench.cuda)
+                for entry in entries:
+                    measured[entry.name] = _breakdown(bench, entry, timer, layers, each)
+        except Interrupted as exc:
+            interrupted = str(exc)
+            print(f"e2e: {interrupted}; reporting what was measured", file=sys.stderr, flush=True)
         finally:
-            timer.remove()
+            if timer is not None:
+                timer.remove()
+        for entry in entries:
+            if entry.ok and not entry.times:
+                entry.status, entry.reason = "interrupted", interrupted or "not measured"
+        rows = [_row(entry, measured.get(entry.name, {})) for entry in entries]
         bar.close()
         import diffaccel
 
@@ -311,6 +347,7 @@ def run_e2e(cfg: E2EConfig) -> dict:
     for key in ("flex", "error_reference"):
         meta.pop(key, None)
     meta.update(
+        interrupted=interrupted,
         diffusers=package_version("diffusers"),
         transformers=package_version("transformers"),
         timer="CUDA events (ms)" if bench.cuda else "time.perf_counter wall clock (ms): CPU, overheads only",
@@ -333,7 +370,7 @@ def run_e2e(cfg: E2EConfig) -> dict:
 
 
 def _breakdown(bench: _Bench, entry: _Entry, timer: AttentionTimer, layers: list[str], each: Callable) -> dict:
-    """One instrumented step of ``entry`` (attention / method call / rest), then the row."""
+    """One instrumented step of ``entry``: attention / method call time, density, overhead (empty on failure)."""
     measured: dict[str, Any] = {}
 
     def instrumented() -> None:
@@ -355,6 +392,11 @@ def _breakdown(bench: _Bench, entry: _Entry, timer: AttentionTimer, layers: list
             measured["overhead"] = _overhead(method)
 
     each(entry, instrumented)
+    return measured if entry.ok else {}
+
+
+def _row(entry: _Entry, measured: dict[str, Any]) -> dict:
+    """The report row of ``entry`` from its timed rounds and (when it ran) its instrumented step."""
     times = entry.times
     row: dict[str, Any] = {
         "method": entry.name,

@@ -29,7 +29,7 @@ ROW_KEYS = {
 }  # fmt: skip
 """Every row's keys and their JSON types."""
 
-STATUSES = ("ok", "refused", "oom", "error")
+STATUSES = ("ok", "refused", "oom", "error", "interrupted")
 META_KEYS = ("date", "command", "device", "gpu", "torch", "triton", "diffusers", "cuda", "driver", "timer", "kernel_path")
 MODEL_KEYS = ("name", "family", "class", "source", "scale", "constructor", "parameters", "geometry", "cfg", "batch",
               "calls_per_step")  # fmt: skip
