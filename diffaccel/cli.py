@@ -113,11 +113,11 @@ def generate(
     cpu_offload: Annotated[bool, typer.Option("--cpu-offload", help="Keep models on the CPU until each runs (CUDA).")] = False,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also run dense with the same seed.")] = True,
     warmup: Annotated[
-        Optional[int], typer.Option(min=0, help="Untimed calls of each run before the timed ones (default 1).")
+        Optional[int], typer.Option(min=0, help="Untimed calls of each run before the timed ones (default 2).")
     ] = None,
     repeats: Annotated[
         Optional[int],
-        typer.Option(min=1, help="Timed calls per run, method and dense alternating (default 3; medians, min-max)."),
+        typer.Option(min=1, help="Timed calls per run, method and dense alternating (default 5; medians, min-max)."),
     ] = None,
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
