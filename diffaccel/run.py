@@ -254,7 +254,7 @@ def check_method_reaches(pipe: Any, method: Any, steps: int | None) -> None:
 def fallback_note(method: Any, output: torch.Tensor, reference: torch.Tensor | None) -> str | None:
     """"fell back to dense" when no self/joint call ran the method (its :class:`CallCounts`), or when its output
     equals dense bit for bit (a method that is not dense itself); ``None`` when the method ran."""
-    counted = getattr(getattr(method, "inner", method), "calls", None)
+    counted = getattr(getattr(method, "inner", method), "call_counts", None)
     name = getattr(getattr(method, "inner", method), "name", "")
     if counted is not None and counted.method == 0 and counted.dense > 0:
         return f"fell back to dense (0 of {counted.dense} attention calls ran {name})"

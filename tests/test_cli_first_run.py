@@ -292,11 +292,11 @@ def test_call_counts_and_fallback_note():
     for step in (0, 0, 1):
         method(q, q, q, layout, RunContext(grid=(8, 8), step=step, layer="a"))
     method(q, q, q, TokenLayout(num_tokens=64, grid=None), RunContext(step=1, layer="a"))  # no grid: not counted
-    assert (method.calls.method, method.calls.dense) == (1, 2)
+    assert (method.call_counts.method, method.call_counts.dense) == (1, 2)
     out = torch.rand(3, 8, 8)
     assert fallback_note(method, out, out.clone()) == "fell back to dense (output identical to dense)"
     assert fallback_note(method, out, out + 0.1) is None
-    method.calls.reset()
+    method.call_counts.reset()
     method(q, q, q, layout, RunContext(grid=(8, 8), step=0, layer="a"))
     assert fallback_note(method, out, out + 0.1) == "fell back to dense (0 of 1 attention calls ran gna)"
     dense = get_method("dense")

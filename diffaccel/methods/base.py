@@ -85,7 +85,7 @@ class MethodBase:
     """Convenience base: stores a validated config and keeps cross-attention and grid-less calls dense.
 
     Subclasses implement :meth:`attend` for self/joint attention with a known visual grid; where it runs dense
-    instead, it returns :meth:`dense_fallback` (counted in :attr:`calls`).
+    instead, it returns :meth:`dense_fallback` (counted in :attr:`call_counts`).
     """
 
     name: ClassVar[str] = ""
@@ -116,7 +116,7 @@ class MethodBase:
             return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         self._fell_back = False
         out = self.attend(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
-        counts = self.calls
+        counts = self.call_counts
         if self._fell_back:
             counts.dense += 1
         else:
@@ -124,7 +124,7 @@ class MethodBase:
         return out
 
     @property
-    def calls(self) -> CallCounts:
+    def call_counts(self) -> CallCounts:
         """Calls of this instance that ran the method / ran dense in its place (self/joint calls with a grid)."""
         counts = self.__dict__.get("_calls")
         if counts is None:
@@ -140,7 +140,7 @@ class MethodBase:
         attn_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        """Dense attention where :meth:`attend` does not run the method on this call (counted in :attr:`calls`)."""
+        """Dense attention where :meth:`attend` does not run the method on this call (counted in :attr:`call_counts`)."""
         self._fell_back = True
         return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
 
