@@ -234,6 +234,7 @@ def test_console_script_warnings_are_one_line_without_source(tmp_path):
 NO_OPS = [
     (["--set", 'layers=["nope.*"]'], ["layers pattern 'nope.*' matches no attention module", "transformer_blocks.0.attn"]),
     (["--set", 'exclude_layers=["nope"]'], ["exclude_layers pattern 'nope'"]),
+    (["--set", 'layers=["transformer_blocks.0.attn", "nope"]'], ["layers pattern 'nope' matches no"]),
     (["--set", 'layer_overrides={"nope.*": {"kernel_size": 3}}'], ["layer_overrides pattern 'nope.*'"]),
     (["--set", "dense_steps=5"], ["dense_steps=5 with 2 denoising steps", "never run", "N < 2"]),
     (["--set", "dense_steps=2"], ["dense_steps=2 with 2 denoising steps"]),
@@ -301,6 +302,10 @@ def test_call_counts_and_fallback_note():
     assert fallback_note(method, out, out + 0.1) == "fell back to dense (0 of 1 attention calls ran gna)"
     dense = get_method("dense")
     assert fallback_note(dense, out, out.clone()) is None  # dense equal to dense is the expected result
+    msw = get_method("msw", backend="reference")  # a UNet level below the finest one has no plan: dense, counted
+    coarse = TokenLayout(num_tokens=64, grid=(8, 8), downsample=2, hierarchical=True, finest_downsample=1)
+    msw(q, q, q, coarse, RunContext(grid=(16, 16), step=0, layer="down.1"))
+    assert (msw.calls.method, msw.calls.dense) == (0, 1)
 
 
 # ------------------------------------------------------------------------------------------ SoftPAG on FLUX
@@ -336,6 +341,11 @@ def test_side_by_side_has_a_difference_panel_scaled_up_and_a_caption():
     assert peak == pytest.approx(float((out - ref).abs().mean(0).max()))
     assert heat.shape == (3, 16, 24) and heat[:, 4, 5].tolist() == [1.0, 1.0, 1.0]
     assert float(heat.sum()) == pytest.approx(3.0)  # every other pixel black
+    darker = ref.clone()
+    darker[:, 2, 3] -= 0.4  # a negative difference is as visible as a positive one
+    heat, peak = difference_map(ref, darker)
+    assert peak == pytest.approx(float((ref[:, 2, 3] - darker[:, 2, 3]).mean()), rel=1e-5)
+    assert heat[:, 2, 3].tolist() == [1.0, 1.0, 1.0] and float(heat.sum()) == pytest.approx(3.0)
     plain = side_by_side(ref, out, ("dense", "gna"))
     captioned = side_by_side(ref, out, ("dense", "gna"), caption="PSNR 30.00 dB, SSIM 0.9000")
     assert plain.width >= MIN_WIDTH and captioned.height > plain.height
@@ -392,7 +402,8 @@ def test_hub_errors_read_as_cli_advice():
     assert "local_files_only" not in reason and "could not be reached" in reason and not reason.endswith("...")
     long = ValueError("word " * 200)
     assert _hub_reason(long) == ("word " * 200).strip()  # never cut mid-word
-    assert "gated" in _hub_reason(OSError("Access to model x is restricted: it is a gated repo"))
+    gated = _hub_reason(OSError("Access to model x is restricted: it is a gated repo"))
+    assert "accept its license" in gated and "huggingface-cli login" in gated
 
 
 def test_bench_writes_under_outputs_by_default():
