@@ -129,20 +129,32 @@ def help_examples() -> tuple[str, ...]:
     return tuple(lines)
 
 
-def readme_commands() -> list[str]:
-    """README ``diffaccel ...`` commands that run offline: those naming a tiny model, the default-model quickstart
-    (tiny-flux on a CPU) and the listings."""
+SERVERS = ("diffaccel demo",)
+"""Commands that serve until stopped: the browser and API tests of the demo run them (tests/test_demo_app.py)."""
+
+
+def readme_blocks() -> list[tuple[str, ...]]:
+    """README ``diffaccel ...`` commands that run offline, per ```bash block in order (a block is a sequence: a
+    calibration then the generation that reads its plan): those naming a tiny model, the default-model quickstart
+    (tiny-flux on a CPU) and the listings. Backslash continuations are joined, ``# comments`` dropped."""
     text = (REPO / "README.md").read_text()
-    commands = []
+    blocks = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        commands = []
+        for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
-                part = part.strip()
-                if not part.startswith("diffaccel "):
+                part = shlex.join(shlex.split(part, comments=True))
+                if not part.startswith("diffaccel ") or part.startswith(SERVERS):
                     continue
                 if "--model" not in part or "tiny-" in part:
                     commands.append(part)
-    return sorted(set(commands))
+        if commands:
+            blocks.append(tuple(commands))
+    return blocks
+
+
+def readme_commands() -> list[str]:
+    return sorted({c for block in readme_blocks() for c in block})
 
 
 def test_readme_and_help_commands_are_found():
@@ -150,29 +162,36 @@ def test_readme_and_help_commands_are_found():
     assert "diffaccel generate --method gna" in found  # the fresh-machine command, as written
     assert "diffaccel generate --method tile --model tiny-wan" in found
     assert not [c for c in found if "FLUX.1-dev" in c]
+    assert not [c for c in found if c.startswith(SERVERS) or "#" in c or "\\" in c]
     assert "diffaccel generate --method gna --set kernel_size=5 --set dense_steps=1" in help_examples()
 
 
-@pytest.mark.parametrize("command", sorted(set(readme_commands()) | set(help_examples())))
-def test_every_help_example_and_readme_command_runs_as_written(command, capsys, tmp_path, monkeypatch):
-    """Run as written (outputs land in the current folder, here a temporary one), in process to save imports, and
-    as a user's CPU runs them: without TRITON_INTERPRET (which the test session sets), so the sparse kernels run
-    their PyTorch reference rather than Triton's slow interpreter."""
+def _blocks_to_run() -> list[tuple[str, ...]]:
+    blocks = set(readme_blocks()) | {(example,) for example in help_examples()}
+    return sorted(blocks)
+
+
+@pytest.mark.parametrize("block", _blocks_to_run(), ids=lambda b: " && ".join(b)[:120])
+def test_every_help_example_and_readme_command_runs_as_written(block, capsys, tmp_path, monkeypatch):
+    """Run as written, a README block's commands in order in one folder (outputs land in the current folder, here a
+    temporary one), in process to save imports, and as a user's CPU runs them: without TRITON_INTERPRET (which the
+    test session sets), so the sparse kernels run their PyTorch reference rather than Triton's slow interpreter."""
     from diffaccel.kernels import dispatch
     from diffaccel.warn import reset_warnings
 
     monkeypatch.setattr(dispatch, "_interpreting", lambda: False)
     monkeypatch.chdir(tmp_path)
-    reset_warnings()
-    argv = shlex.split(command)[1:]
-    if argv[0] == "generate":  # one timed call per side (the README says so): what runs is otherwise as written
-        argv += ["--warmup", "0", "--repeats", "1"]
-    code, out, err = cli(capsys, *argv)
-    assert code == 0, (command, err)
-    assert "Traceback" not in err and all(line.startswith("warning") for line in err.splitlines()), err
-    if argv[0] == "generate":
-        assert "PSNR" in out and "fell back to dense" not in flat(out)
-        assert list((tmp_path / "outputs").glob("*_vs_dense.png"))
+    for command in block:
+        reset_warnings()
+        argv = shlex.split(command)[1:]
+        if argv[0] == "generate":  # one timed call per side (the README says so): what runs is otherwise as written
+            argv += ["--warmup", "0", "--repeats", "1"]
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, (command, err)
+        assert "Traceback" not in err and all(line.startswith("warning") for line in err.splitlines()), err
+        if argv[0] == "generate":
+            assert "PSNR" in out and "fell back to dense" not in flat(out)
+            assert list((tmp_path / "outputs").glob("*_vs_dense.png"))
 
 
 # ------------------------------------------------------------------------------------------ methods listings

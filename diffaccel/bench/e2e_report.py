@@ -10,6 +10,7 @@ versus the stock processors, attention / method-call / rest split, peak memory, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,16 @@ def _range(row: dict, key: str, spec: str, unit: str = "") -> str:
     return text if lo is None or hi is None else f"{text} ({format(lo, spec)}-{format(hi, spec)}{unit})"
 
 
+def _overhead_item(key: str, value: float | None) -> str:
+    """One entry of a method's ``overhead()``: seconds (keys ending in ``_s``) as ms, counts and ratios as they are;
+    a value JSON could not hold (an infinite ratio: nothing saved) as "–"."""
+    if value is None or not math.isfinite(value):
+        return f"{key} –"
+    if key.endswith("_s"):
+        return f"{key[:-2]} {1e3 * value:.2f} ms"
+    return f"{key} {value:.3g}"
+
+
 def render_markdown(doc: dict) -> str:
     """A header with the model, size and environment, then one table row per method."""
     meta, model, config = doc["meta"], doc["model"], doc["config"]
@@ -129,7 +140,7 @@ def render_markdown(doc: dict) -> str:
     for r in doc["rows"]:
         notes = [] if r["status"] == "ok" else [f"**{r['status']}**: {r['reason']}"]
         if r.get("overhead"):
-            notes.append("overhead " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in r["overhead"].items()))
+            notes.append("overhead " + ", ".join(_overhead_item(k, v) for k, v in r["overhead"].items()))
         notes += r["warnings"][:2]
         density = "–" if r["density_kept"] is None else f"{r['density_kept']:.3f} ({r['density_layers']} layers)"
         lines.append(
