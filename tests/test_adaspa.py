@@ -183,6 +183,8 @@ def test_option_search_at_schedule_follows_the_run_length(num_steps, searches):
     for step, out in enumerate(outs):
         err = (out - dense).abs().max().item()
         assert (err <= 1e-5) == (step <= searches[0]), (step, err)  # warm-up and fused search dense, then sparse
+    # warm-up steps are counted as dense fallbacks (a run that never searches reads "fell back to dense")
+    assert (m.call_counts.dense, m.call_counts.method) == (searches[0], num_steps - searches[0])
     other = AdaSpaMethod(block_size=16, backend="reference", sparsity=0.5, search_at=(0.5,))
     assert other.search_steps(num_steps) == (max(0, round(num_steps / 2) - 1),)
 

@@ -279,3 +279,25 @@ def test_padded_suffix_prompt_runs_the_plan_cut_to_the_valid_tokens():
         assert (out[:1] - full).abs().max().item() <= 1e-5
         assert (out[1:, :, :cut] - short).abs().max().item() <= 1e-5
         assert (out[1:, :, cut:] - pad_rows).abs().max().item() <= 1e-5
+
+
+def test_a_masked_prefix_call_runs_dense_says_so_once_and_counts_as_a_fallback(recwarn):
+    """A text mask PARO's plan cannot take (padding of a prefix prompt) runs stock SDPA with that mask, warns once,
+    and is counted as a dense fallback (so `diffaccel generate` reports "fell back to dense", not a result)."""
+    from diffaccel.warn import reset_warnings
+
+    reset_warnings()
+    grid, nt = (3, 3, 5), 6
+    n = math.prod(grid) + nt
+    plan = make_plan(grid=grid, text_len=nt, text_first=True, density=0.4, seed=2)
+    q, k, v = _inputs(n, seed=5)
+    lengths = (4,)
+    layout = TokenLayout(n, grid, text=slice(0, nt), text_lengths=lengths)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    mask[..., lengths[0]:nt] = False
+    method = ParoMethod(plan=plan, backend="reference")
+    for _ in range(2):
+        out = method(q, k, v, layout, _ctx(), attn_mask=mask)
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert sum("paro runs dense attention" in str(w.message) for w in recwarn.list) == 1
+    assert (method.call_counts.dense, method.call_counts.method) == (2, 0)

@@ -204,9 +204,12 @@ def test_dense_warmup_follows_the_run_length(num_steps, dense_steps):
     dense = F.scaled_dot_product_attention(q, k, v)
     m = get_method("vmoba", block_size=16, backend="reference")
     assert m.dense_steps(num_steps) == dense_steps
-    for step in sorted({0, max(0, dense_steps - 1), dense_steps}):
+    steps = sorted({0, max(0, dense_steps - 1), dense_steps})
+    for step in steps:
         out = m(q, k, v, lay, ctx_at(step, num_steps))
         assert ((out - dense).abs().max().item() <= 1e-6) == (step < dense_steps)
+    warm = sum(step < dense_steps for step in steps)  # warm-up calls count as dense fallbacks, the others as vmoba
+    assert (m.call_counts.dense, m.call_counts.method) == (warm, len(steps) - warm)
     m2 = get_method("vmoba", block_size=16, backend="reference", dense_fraction=0.5)
     assert m2.dense_steps(num_steps) == num_steps // 2
 

@@ -247,7 +247,7 @@ class AdaSpaMethod(MethodBase):
         if self._run.new_run(ctx):
             self.reset()
         if k.shape[2] != q.shape[2] or not padded_mask_supported(self.name, attn_mask, layout, q.shape[0]):
-            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         layer = ctx.layer or ""
         if attn_mask is not None:
             assert layout.text_lengths is not None
@@ -263,7 +263,7 @@ class AdaSpaMethod(MethodBase):
         step = ctx.step
         if step < searches[0]:
             with self.meter.time("dense", layer, q.device):
-                return sdpa(q, k, v, scale=scale)
+                return self.dense_fallback(q, k, v, scale=scale)
         key = (tuple(q.shape), layout.num_text, layout.text_first, q.device, q.dtype, scale)
         st = self._states.get(layer)
         if st is not None and st.key != key:

@@ -190,7 +190,7 @@ class ParoMethod(MethodBase):
                 "diffaccel: paro runs dense attention on calls with an attention mask other than the padding of a "
                 "suffix prompt (its plan assumes every text token it sees is valid)",
             )
-            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         state = self._state(plan, layout, ctx, q.shape[1], q.device)
         bucket = bucket_of(ctx.step, plan.steps, plan.num_buckets)
         if bucket != state.bucket:

@@ -316,11 +316,11 @@ class VMoBAMethod(MethodBase):
         if self._run.new_run(ctx):
             self.reset()
         if k.shape[2] != q.shape[2] or not padded_mask_supported(self.name, attn_mask, layout, q.shape[0]):
-            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+            return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         layer = ctx.layer or ""
         if ctx.step < self.dense_steps(run_steps(ctx, self.name)):
             with self.meter.time("dense", layer, q.device):
-                return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+                return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         part = self.partition(layout, ctx.layer)
         if attn_mask is not None:
             assert layout.text_lengths is not None
