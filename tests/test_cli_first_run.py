@@ -324,7 +324,7 @@ def test_call_counts_and_fallback_note():
     msw = get_method("msw", backend="reference")  # a UNet level below the finest one has no plan: dense, counted
     coarse = TokenLayout(num_tokens=64, grid=(8, 8), downsample=2, hierarchical=True, finest_downsample=1)
     msw(q, q, q, coarse, RunContext(grid=(16, 16), step=0, layer="down.1"))
-    assert (msw.calls.method, msw.calls.dense) == (0, 1)
+    assert (msw.call_counts.method, msw.call_counts.dense) == (0, 1)
 
 
 # ------------------------------------------------------------------------------------------ SoftPAG on FLUX
