@@ -506,3 +506,28 @@ def test_agent_attn_processor_on_unet_bare_and_applied():
     assert (applied - dense).abs().max() > 1e-4
     restored = pipe("a photo", generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(restored, dense, rtol=0, atol=0)
+
+
+def test_an_option_of_the_other_mode_is_announced_once(recwarn):
+    """A changed option that acts only in the mode this model does not run (AgentSD's ``ratio`` on a transformer,
+    the pooled ``agent_grid`` on a UNet level) is one warning, not a silent no-op; defaults and options of the
+    running mode say nothing."""
+    from diffaccel.warn import reset_warnings
+
+    def messages():
+        return [str(w.message) for w in recwarn.list if "has no effect" in str(w.message)]
+
+    layout = make_layout((6, 7), "suffix")
+    q, k, v = qkv(1, 2, layout.num_tokens, 8)
+    reset_warnings()
+    for _ in range(2):
+        get_method("agent", mode="pooled", agent_grid=(2, 2))(q, k, v, layout, RunContext())
+    get_method("agent", mode="agentsd", use_rand=False, ratio=0.3)(q, k, v, layout, RunContext())
+    assert messages() == []
+    for _ in range(2):
+        get_method("agent", mode="pooled", agent_grid=(2, 2), ratio=0.2, seed=3)(q, k, v, layout, RunContext())
+    assert messages() == ["agent: ratio=0.2, seed=3 has no effect in pooled mode (this model); it applies to UNets "
+                          "(agentsd mode)"]
+    get_method("agent", mode="agentsd", use_rand=False, agent_grid=(3, 3))(q, k, v, layout, RunContext())
+    assert messages()[1:] == ["agent: agent_grid=(3, 3) has no effect in agentsd mode (this model); it applies to "
+                              "transformers (pooled mode)"]

@@ -46,6 +46,7 @@ from diffaccel.methods.base import (
     check_choice,
     check_positive_int,
     config_help,
+    options_without_effect,
     register_method,
     sdpa,
 )
@@ -53,6 +54,8 @@ from diffaccel.methods._tome import MergePlan, bipartite_matching
 from diffaccel.warn import warn_once
 
 MODES = ("auto", "agentsd", "pooled")
+MODE_SCOPES = ("agentsd", "pooled")
+"""Modes whose options are marked by a ``"mode: ..."`` help prefix (a changed option of the other mode warns once)."""
 METRICS = ("keys", "queries", "values")
 
 # AgentSD README recipe for SD 1.5, 50 PLMS steps: apply_patch(sx=4, sy=4, ratio=0.4, agent_ratio=0.95) at
@@ -172,6 +175,11 @@ class AgentMethod(MethodBase):
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         cfg = self.config
         mode = resolve_mode(cfg.mode, layout, ctx)
+        unused = options_without_effect(cfg, mode, MODE_SCOPES)
+        if unused:
+            where = "UNets (agentsd mode)" if mode == "pooled" else "transformers (pooled mode)"
+            warn_once(f"agent-unused-{mode}", f"agent: {', '.join(unused)} has no effect in {mode} mode (this "
+                      f"model); it applies to {where}")
         agent_step = self._in_agent_steps(ctx, mode)
         if mode == "pooled":
             if not agent_step:

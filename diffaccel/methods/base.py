@@ -284,3 +284,24 @@ def in_dense_steps(ctx: RunContext, dense_steps: int) -> bool:
 def config_help(text: str) -> dict[str, str]:
     """Field metadata carrying the help text that ``diffaccel methods`` prints."""
     return {"help": text}
+
+
+def options_without_effect(config: MethodConfig, active: str, scopes: tuple[str, ...]) -> list[str]:
+    """``name=value`` of the fields the user changed from their default that only act in another scope.
+
+    A field belongs to scope ``s`` when its help text starts with ``"s:"`` (e.g. agent's ``"agentsd: ..."`` and
+    ``"pooled: ..."``); with ``active`` the scope this call runs in, a changed field of another scope is a setting
+    with no effect here, which the method announces once (nothing a user asked for is dropped silently).
+    """
+    unused = []
+    for f in fields(config):
+        help_text = f.metadata.get("help", "")
+        scope = help_text.split(":", 1)[0] if ":" in help_text else ""
+        if scope not in scopes or scope == active:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        value = getattr(config, f.name)
+        if value != default:
+            unused.append(f"{f.name}={value!r}")
+    return unused
