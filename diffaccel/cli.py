@@ -60,6 +60,7 @@ class LazyGroup(TyperGroup):
 
 
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "eval": ("diffaccel.eval.command", "eval_command", "Evaluate methods against dense: speed, fidelity, FID/KID, CLIP, video; one report."),
     "headhunt": ("diffaccel.pipelines.headhunt", "headhunt_command",
                  "Search the attention heads whose SoftPAG perturbation maximises OBJECTIVE and write them as JSON."),
 }
