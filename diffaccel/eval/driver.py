@@ -34,11 +34,13 @@ class EvalOutcome:
     skipped: list[Skipped]
 
 
-def _state() -> Any:
-    """accelerate's ``PartialState`` (one process without ``accelerate launch``)."""
+def _state(device: str) -> Any:
+    """accelerate's ``PartialState`` (one process without ``accelerate launch``). On a CPU (``--device cpu``, or
+    no CUDA) the processes talk over gloo (accelerate's ``MULTI_CPU``): launch them with ``accelerate launch
+    --multi_gpu --num_processes N`` (torchrun underneath; accelerate's ``--cpu`` flag starts one process)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
 
 
 def environment(device: torch.device, command: list[str], num_processes: int) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def evaluate(opts: EvalOptions, *, pipe: Any = None, feature_extractor: Any = No
     samples = samples_of(prompts, list(opts.seeds))
     model = opts.model or default_model()
     out = check_output_folder(opts.out)
-    state = _state()
+    state = _state(opts.device)
     device = resolve_device(opts.device)
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process

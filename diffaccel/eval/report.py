@@ -87,7 +87,7 @@ def comparable(result: dict[str, Any]) -> dict[str, Any]:
         for label, entry in result["aggregates"].items()
     }
     return {"samples": samples, "aggregates": aggr, "distribution": result["distribution"],
-            "skipped": result["skipped"], "options": {k: v for k, v in result["options"].items() if k != "command"}}
+            "skipped": result["skipped"], "options": {k: v for k, v in result["options"].items() if k not in ("command", "out")}}
 
 
 # ----------------------------------------------------------------------------------------------- markdown
