@@ -12,7 +12,9 @@ and the report show. Downloads are off when ``HF_HUB_OFFLINE`` or ``DIFFACCEL_OF
 set them), so nothing downloads in the tests.
 
 LPIPS is Zhang et al., CVPR 2018 (torchmetrics' port, AlexNet backbone); the CLIP score is Hessel et al., EMNLP
-2021 (``100 * max(cos(image, text), 0)``, torchmetrics' ``CLIPScore``).
+2021 (``100 * max(cos(image, text), 0)``, the formula of torchmetrics' ``CLIPScore``, computed here from the
+``CLIPModel`` output's embeddings: torchmetrics 1.9 reads ``get_image_features`` as a tensor, which transformers 5
+no longer returns, and accepts only Hub ids containing "openai").
 """
 
 from __future__ import annotations
@@ -201,17 +203,20 @@ def build_clip_score(model: str | None) -> Callable[[torch.Tensor, str], float] 
     if isinstance(source, Skipped):
         return source
     try:
-        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
 
-        metric = CLIPScore(model_name_or_path=source)
+        model = CLIPModel.from_pretrained(source).eval()
+        processor = CLIPProcessor.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - a model that cannot load is a skip with its reason
         return Skipped(name, f"cannot load CLIP {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
 
     def clip_score(output: torch.Tensor, prompt: str) -> float:
         frames = (frames_of(output).clamp(0, 1) * 255).round().to(torch.uint8)
+        images = [f.permute(1, 2, 0).numpy() for f in frames]
+        inputs = processor(text=[prompt], images=images, return_tensors="pt", padding=True, truncation=True)
         with torch.no_grad():
-            values = [float(metric(frame, prompt)) for frame in frames]
-            metric.reset()
-        return sum(values) / len(values)
+            out = model(**inputs)
+        cos = F.cosine_similarity(out.image_embeds, out.text_embeds.expand_as(out.image_embeds), dim=-1)
+        return float((100 * cos.clamp(min=0)).mean())
 
     return clip_score

@@ -77,8 +77,8 @@ def _hf_features(source: str, kind: str) -> FeatureFn:
         inputs = processor(images=frames, return_tensors="pt")
         with torch.no_grad():
             if kind == "clip":
-                out = model.get_image_features(pixel_values=inputs["pixel_values"])
-                return out if isinstance(out, torch.Tensor) else out.pooler_output
+                pooled = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output
+                return model.visual_projection(pooled)  # CLIP's image embedding
             return model(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
 
     return features
