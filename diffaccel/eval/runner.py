@@ -284,9 +284,8 @@ def run_shard(
     def activate(label: str) -> None:
         if active == [label]:
             return
-        if label == BASELINE:
-            remove(pipe)
-        else:
+        remove(pipe)  # back to the stock processors first: a method is never applied over another
+        if label != BASELINE:
             apply(pipe, methods[label])
         active[:] = [label]
 
