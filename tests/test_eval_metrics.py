@@ -234,7 +234,7 @@ def test_clip_score_and_background_consistency_from_a_local_folder(tmp_path):
     inputs = proc(text=["a red fox"], images=[pixels.permute(1, 2, 0).numpy()], return_tensors="pt", padding=True)
     with torch.no_grad():  # CLIP's logits are logit_scale * cos(image, text)
         out = model(**inputs)
-    expected = 100 * max(float(out.logits_per_image[0, 0] / model.logit_scale.exp()), 0.0)
+        expected = 100 * max(float(out.logits_per_image[0, 0] / model.logit_scale.exp()), 0.0)
     assert got == pytest.approx(expected, abs=1e-3)
     features = V.build_features("clip", str(tmp_path / "clip"))
     assert callable(features), features

@@ -99,7 +99,7 @@ def _fmt(entry: dict[str, Any] | None, spec: str, suffix: str = "") -> str:
     if entry["mean"] is None:
         return "inf" if entry.get("n_inf") else "-"
     text = f"{format(entry['mean'], spec)}{suffix}"
-    if entry["n"] > 1:
+    if entry["n"] > 1 and entry["low"] != entry["high"]:
         text += f" [{format(entry['low'], spec)}, {format(entry['high'], spec)}]"
     if entry.get("n_inf"):
         text += f" (+{entry['n_inf']} inf)"
