@@ -258,3 +258,47 @@ def test_subject_consistency_from_a_local_dino_folder(tmp_path):
     assert f.shape == (3, 32)
     assert V.consistency(features(video[:1].expand(3, -1, -1, -1))) == pytest.approx(1.0, abs=1e-6)
     assert V.consistency(f) < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- order, aggregates
+
+
+def test_side_order_puts_dense_first_and_rotates_the_methods():
+    from diffaccel.eval.runner import samples_of, side_order
+
+    labels = ["dense", "a", "b", "c"]
+    orders = [side_order(labels, i) for i in range(4)]
+    assert orders[:3] == [["dense", "a", "b", "c"], ["dense", "b", "c", "a"], ["dense", "c", "a", "b"]]
+    assert orders[3] == orders[0]
+    assert [o.index(m) for o in orders[:3] for m in ["a"]] == [1, 3, 2]  # each position in turn
+    s = samples_of(["p", "q"], [0, 7])
+    assert [(x.index, x.prompt, x.seed, x.id) for x in s] == [
+        (0, "p", 0, "0000_seed0"), (1, "p", 7, "0001_seed7"), (2, "q", 0, "0002_seed0"), (3, "q", 7, "0003_seed7")]
+
+
+def _record(sample, label, total, psnr=None):
+    return {"sample": sample, "label": label, "method": label, "params": {}, "total_s": total, "denoise_s": total / 2,
+            "attention_s": total / 4, "density": 1.0 if label == "dense" else 0.5, "note": None,
+            "metrics": {} if psnr is None else {"psnr": psnr}}
+
+
+def test_aggregates_pair_samples_and_average_the_ratios():
+    from diffaccel.eval.report import aggregates, comparable
+
+    records = [_record("s0", "dense", 2.0), _record("s0", "m", 1.0, 30.0),
+               _record("s1", "dense", 3.0), _record("s1", "m", 3.0, math.inf),
+               _record("s2", "m", 0.5, 10.0)]  # s2 has no dense: not paired, left out
+    aggr = aggregates(records, ["dense", "m"])
+    m = aggr["m"]
+    assert m["n"] == 2 and m["speedup_total"]["mean"] == pytest.approx((2.0 + 1.0) / 2)  # mean of 2x and 1x
+    assert m["speedup_denoise"]["mean"] == pytest.approx(1.5) and m["total_s"]["mean"] == pytest.approx(2.0)
+    assert m["metrics"]["psnr"]["mean"] == 30.0 and m["metrics"]["psnr"]["n_inf"] == 1
+    assert m["density"]["mean"] == 0.5 and aggr["dense"]["n"] == 2
+    result = {"samples": records, "aggregates": aggr, "distribution": {}, "skipped": [],
+              "options": {"out": "x", "command": ["a"], "num": 2}}
+    slower = {**result, "samples": [{**r, "total_s": 9.0} for r in records],
+              "options": {"out": "y", "command": ["b"], "num": 2}}
+    assert comparable(result)["samples"] == comparable(slower)["samples"]
+    assert comparable(result)["options"] == comparable(slower)["options"]
+    changed = {**result, "samples": [{**records[0], "metrics": {"psnr": 31.0}}, *records[1:]]}
+    assert comparable(result) != comparable(changed)
