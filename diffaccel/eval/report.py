@@ -227,6 +227,17 @@ def _point(speed: dict[str, Any], metric: dict[str, Any] | None) -> tuple[float,
     return speed["mean"], speed["low"], speed["high"], metric["mean"], metric["mean"]
 
 
+def _jsonable(value: Any) -> Any:
+    """Strict JSON: an infinite float (the PSNR of identical outputs) becomes the string ``"inf"``."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
     """Write the plots, ``results.json`` and ``report.md`` under ``out``; return their paths."""
     out = Path(out)
@@ -236,7 +247,7 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
     if plot is not None:
         paths["pareto"] = plot
     paths["json"] = out / "results.json"
-    paths["json"].write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    paths["json"].write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
     paths["markdown"] = out / "report.md"
     paths["markdown"].write_text(markdown(result))
     return paths

@@ -317,6 +317,11 @@ def run_shard(
                     "note": None if label == BASELINE else fallback_note(method, res.output, ref.output),
                     "metrics": sample_metrics(res, None if label == BASELINE else ref, sample.prompt, models, video),
                 }
+                if record["note"]:
+                    from diffaccel.warn import warn_once
+
+                    warn_once(f"eval-fallback-{label}-{model}", f"{label} on {model}: {record['note']}; its row "
+                              "describes dense attention, not the method")
                 record["file"] = str(_save_sample(out, label, sample, res.output, video).relative_to(out))
                 if label != BASELINE and sample.index < opts.grids:
                     record["grid"] = str(_save_grid(out, label, sample, res.output, ref.output, record).relative_to(out))
