@@ -60,7 +60,9 @@ def init(cp: int, device: torch.device) -> torch.device:
     """Join torchrun's process group for ``cp`` ranks; the device of this rank (``cuda:LOCAL_RANK`` on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cp:
-        raise ConfigError(f"--cp {cp} was given but torchrun started {world} processes (--nproc-per-node); use the same N")
+        raise ConfigError(
+            f"--cp {cp} was given but torchrun started {world} processes (--nproc-per-node); use the same N"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -419,8 +419,9 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     if cp > 1:
         check_method(method, SimpleNamespace(ring_degree=1, ulysses_degree=cp))  # before loading: a clear error
         if not multigpu.under_torchrun():
+            launch = " ".join(multigpu.torchrun_command(cp, ["generate", "..."]))
             raise ConfigError(f"cp={cp} runs as {cp} torchrun processes: use `diffaccel generate --cp {cp} ...`, "
-                              f"which launches them, or `{' '.join(multigpu.torchrun_command(cp, ['generate', '...']))}`")
+                              f"which launches them, or `{launch}`")
         device = multigpu.init(cp, device)
     pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=opts.cpu_offload)
     if cp > 1:

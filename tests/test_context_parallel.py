@@ -164,3 +164,57 @@ def test_attach_reads_the_model_config_and_checks_the_method():
     parallel.attach(processor := SimpleNamespace(method=get_method("msw"), _parallel_config=None),
                     SimpleNamespace(_parallel_config=None))
     assert parallel.parallel_config(processor) is None
+
+
+# ------------------------------------------------------------------------------------------------ the CLI launcher
+
+
+def test_generate_cp_2_launches_torchrun_and_rank_0_writes(tmp_path):
+    """``diffaccel generate --cp 2`` on tiny FLUX: two gloo ranks, one table, one image, equal to one process."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from diffaccel.run import GenerateOptions, generate
+
+    args = ["generate", "-m", "gna", "--model", "tiny-flux", "--steps", "1", "--warmup", "0", "--repeats", "1",
+            "--no-compare", "--set", "backend=reference", "--set", "block_size=16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "diffaccel.cli", *args, "--cp", "2", "--out", str(tmp_path / "cp")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    # rank 0 prints; rank 1 neither prints nor writes
+    assert sum(line.startswith("image:") for line in lines) == 1, proc.stdout
+    written = sorted(p.name for p in (tmp_path / "cp").iterdir())
+    assert written == ["tiny-flux_gna.png"]
+    one = generate(GenerateOptions(method="gna", params={"backend": "reference", "block_size": 16}, model="tiny-flux",
+                                   steps=1, warmup=0, repeats=1, compare=False, out=tmp_path / "one"))
+    assert one.runs[-1].note is None  # the method ran (no dense fallback)
+    two = np.asarray(Image.open(tmp_path / "cp" / "tiny-flux_gna.png"))
+    ref = np.asarray(Image.open(one.output_path))
+    assert two.shape == ref.shape and np.array_equal(two, ref)
+
+
+def test_generate_cp_needs_torchrun_and_a_supported_method(tmp_path, monkeypatch):
+    from diffaccel.run import GenerateOptions, generate
+
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        generate(GenerateOptions(method="dense", model="tiny-flux", cp=2, out=tmp_path))
+    with pytest.raises(ConfigError, match="'msw' does not support context parallelism"):
+        generate(GenerateOptions(method="msw", model="tiny-flux", cp=2, out=tmp_path))
+    with pytest.raises(ConfigError, match="cp must be an integer >= 1"):
+        generate(GenerateOptions(method="dense", model="tiny-flux", cp=0, out=tmp_path))
+
+
+def test_torchrun_command_keeps_the_arguments():
+    from diffaccel import multigpu
+
+    cmd = multigpu.torchrun_command(4, ["generate", "-m", "gna", "--cp", "4"])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert cmd[5:] == ["-m", "diffaccel.cli", "generate", "-m", "gna", "--cp", "4"]
