@@ -196,6 +196,19 @@ def _error_cases(world: int) -> dict[str, str | None]:
         "ulysses-anything": lambda: _run(
             "wan", "dense", {}, ContextParallelConfig(ulysses_degree=world, ulysses_anything=True)),
     }
+    def bare_processor():  # no diffaccel.apply: the processor is never told about the parallel config
+        import torch
+
+        from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+
+        torch.manual_seed(0)
+        model = tiny_flux()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        model.set_attn_processor(DiffAccelAttnProcessor("dense"))
+        with torch.no_grad():
+            model(**flux_inputs(0))
+
+    out["bare-processor-after-cp"] = bare_processor
     results = {name: _error(fn) for name, fn in out.items()}
     # ring + dense: must equal the single-process result
     import torch

@@ -60,6 +60,7 @@ def test_ring_dense_equals_one_process(two_ranks):
         ("ulysses-unsupported-method-cp-first", ["'vmoba'", "ulysses_degree=2"]),
         ("uneven-heads", ["3 attention heads", "ulysses_degree=2", "supported: 3"]),
         ("ulysses-anything", ["ulysses_anything", "not supported"]),
+        ("bare-processor-after-cp", ["'dense'", "2 ranks", "diffaccel.apply"]),
     ],
 )
 def test_unsupported_configs_raise(two_ranks, case, words):

@@ -40,7 +40,6 @@ from diffaccel.context import HeadShard, RunContext
 from diffaccel.errors import ConfigError, LayoutError
 from diffaccel.layout import TokenLayout
 from diffaccel.pipelines.adapters.base import Adapter, AttentionCall
-from diffaccel.warn import warn_once
 
 SUPPORTED_FAMILIES = ("wan", "flux")
 """Families whose diffusers ``_cp_plan`` this module undoes exactly (tested with two processes): Wan shards the
@@ -48,27 +47,29 @@ visual tokens (self-attention) and keeps the text context whole (cross-attention
 tokens each, so a rank's joint sequence is ``[its text, its image tokens]``."""
 
 
-def parallel_config(processor: Any) -> Any | None:
+def parallel_config(processor: Any, ctx: RunContext | None = None) -> Any | None:
     """The diffusers ``ParallelConfig`` with context parallelism a processor runs under, or ``None``.
 
     ``model.enable_parallelism`` sets ``_parallel_config`` on every processor that has the attribute (ours has);
-    :func:`attach` sets it when diffaccel is applied to a model that is already parallel. Without either, a
-    process group of several ranks gets a one-time warning: a processor installed with a bare
-    ``set_attn_processor`` after ``enable_parallelism`` is not told (data parallelism, one prompt per rank, is
-    fine).
+    :func:`attach` sets it when diffaccel is applied to a model that is already parallel. A processor installed
+    with a bare ``set_attn_processor`` after ``enable_parallelism`` is told neither way; with several ranks and no
+    diffaccel hook (``ctx.denoiser_calls == 0``) it cannot tell whether the model shards its sequence, so it
+    raises rather than attend over what may be a shard (data parallelism with ``diffaccel.apply`` runs).
     """
     config = getattr(processor, "_parallel_config", None)
     cp = getattr(config, "context_parallel_config", None) if config is not None else None
-    if cp is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            warn_once(
-                "cp-undetected",
-                f"diffaccel: torch.distributed runs {torch.distributed.get_world_size()} ranks but this diffaccel "
-                "processor has no context-parallel config; if the model shards its sequence "
-                "(enable_parallelism), install the processor with diffaccel.apply(model, method) before or after "
-                "enable_parallelism, which tells it",
-            )
-    return config if cp is not None else None
+    if cp is not None:
+        return config
+    if ctx is not None and ctx.denoiser_calls == 0 and torch.distributed.is_available() \
+            and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        name = getattr(getattr(processor, "method", None), "name", "?")
+        raise ConfigError(
+            f"method {name!r}: torch.distributed runs {torch.distributed.get_world_size()} ranks and this diffaccel "
+            "processor was installed without diffaccel.apply, so it cannot tell whether the model shards its "
+            "sequence (enable_parallelism); install it with diffaccel.apply(model, method), before or after "
+            "enable_parallelism"
+        )
+    return None
 
 
 def attach(processor: Any, model: torch.nn.Module) -> None:

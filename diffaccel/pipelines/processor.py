@@ -75,7 +75,7 @@ class DiffAccelAttnProcessor:
         adapter = adapter_for(attn, call)
         ctx = self.context
         ctx.layer = layer_name(attn)
-        parallel = parallel_config(self)
+        parallel = parallel_config(self, ctx)
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)
