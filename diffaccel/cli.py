@@ -120,8 +120,18 @@ def generate(
         Optional[int],
         typer.Option(min=1, help="Timed calls per run, method and dense alternating (default 5; medians, min-max)."),
     ] = None,
+    cp: Annotated[
+        int,
+        typer.Option("--cp", min=1, help="Context parallelism: N processes (GPUs) share each denoiser call "
+                     "(diffusers Ulysses, launched through torchrun; rank 0 writes the outputs)."),
+    ] = 1,
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
+    if cp > 1:
+        from diffaccel import multigpu
+
+        if not multigpu.under_torchrun():  # this process launches N ranks of the same command and waits
+            raise SystemExit(multigpu.relaunch(cp, _ARGV if _ARGV is not None else sys.argv[1:]))
     from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table
     from diffaccel.run import overhead_line
 
@@ -142,9 +152,12 @@ def generate(
         compare=compare,
         warmup=warmup,
         repeats=repeats,
+        cp=cp,
     )
     console = Console()
     result = run_generate(options)
+    if cp > 1 and not multigpu.is_main():
+        return  # rank 0 prints and writes
     console.print(results_table(result))
     if (line := overhead_line(result)) is not None:
         console.print(line)
@@ -336,12 +349,18 @@ def _click_errors() -> tuple[type[Exception], type[Exception] | None]:
     return base, getattr(sys.modules[base.__module__], "NoArgsIsHelpError", None)
 
 
+_ARGV: list[str] | None = None
+"""The arguments :func:`main` was given (``None``: ``sys.argv``), for ``--cp N`` to relaunch the same command."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a user error becomes one ``error: ...`` line on stderr and exit code 2."""
     import warnings
 
     from diffaccel.warn import install_cli_warnings
 
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else None
     _quiet_libraries()
     click_error, no_args_error = _click_errors()
     previous_hook = install_cli_warnings()  # every warning as one line, no source code

@@ -16,6 +16,23 @@ from typing import Any, Callable
 import torch
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """The heads one rank holds during a context-parallel (Ulysses) attention call.
+
+    Attributes:
+        offset: global id of the call's first head: local head ``h`` is model head ``offset + h``.
+        total: number of heads of the model's attention module (all ranks together).
+        gather: collective that turns a per-head tensor ``(..., local_heads)`` of this rank into ``(..., total)``
+            in global head order (every rank of the group calls it at the same point, or the run deadlocks).
+            Methods whose per-head decisions depend on other heads (AdaSpa's head tiers) use it.
+    """
+
+    offset: int
+    total: int
+    gather: Callable[[torch.Tensor], torch.Tensor] = field(repr=False, compare=False)
+
+
 @dataclass(eq=False)  # identity semantics: adapters key per-run state on the context object (weak references)
 class RunContext:
     """Per-run state shared by every attention layer of one or more denoisers.
@@ -36,6 +53,9 @@ class RunContext:
         num_steps_fn: callable giving ``num_steps`` at each denoiser call (set by :func:`diffaccel.apply`).
         step_fn: callable giving the step at each denoiser call without reading a tensor, or ``None`` when it
             cannot tell (then the step is counted from timestep values, one host read per denoiser call).
+        heads: which heads of the model the current attention call holds, under context parallelism (Ulysses gives
+            each rank a slice of the heads); ``None`` when the call holds every head. Methods with per-head state
+            index it by global head id ``heads.offset + h``.
     """
 
     grid: tuple[int, ...] | None = None
@@ -47,6 +67,7 @@ class RunContext:
     denoiser_calls: int = 0
     num_steps_fn: Callable[[], int | None] | None = field(default=None, repr=False)
     step_fn: Callable[[], int | None] | None = field(default=None, repr=False)
+    heads: HeadShard | None = field(default=None, repr=False)
 
     def begin_denoiser_call(self, grid: tuple[int, ...] | None, text_len: int | None, timestep: Any) -> None:
         """Record one denoiser forward: new grid and text length, and the step.

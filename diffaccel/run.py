@@ -22,12 +22,16 @@ from typing import Any
 
 import torch
 
+from types import SimpleNamespace
+
+from diffaccel import multigpu
 from diffaccel.errors import ConfigError
 from diffaccel.eval.fidelity import Fidelity, compare
 from diffaccel.eval.media import WrittenVideo, save_image, save_side_by_side, save_video
 from diffaccel.eval.timing import Side, Spread, Timing, interleaved, paired_ratio, spread
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines.hooks import apply, attention_modules, denoisers_of, remove
+from diffaccel.pipelines.parallel import check_method
 from diffaccel.warn import warn_once
 from diffaccel.pipelines.loading import load_pipeline, resolve_device, resolve_dtype
 from diffaccel.pipelines.tiny import is_tiny, tiny_spec
@@ -104,6 +108,9 @@ class GenerateOptions:
     repeats: int | None = None
     """Timed calls per run, alternating method and dense (default :data:`DEFAULT_REPEATS`); the table shows their
     medians and min-max."""
+    cp: int = 1
+    """Context-parallel degree: the run is one of ``cp`` torchrun ranks sharing each denoiser call (Ulysses,
+    :mod:`diffaccel.multigpu`); rank 0 writes the outputs."""
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -408,7 +415,17 @@ def generate(opts: GenerateOptions) -> GenerateResult:
 
     out = check_output_folder(opts.out)  # before any work: a bad --out must not cost a generation
 
+    cp = multigpu.check_degree(opts.cp)
+    if cp > 1:
+        check_method(method, SimpleNamespace(ring_degree=1, ulysses_degree=cp))  # before loading: a clear error
+        if not multigpu.under_torchrun():
+            launch = " ".join(multigpu.torchrun_command(cp, ["generate", "..."]))
+            raise ConfigError(f"cp={cp} runs as {cp} torchrun processes: use `diffaccel generate --cp {cp} ...`, "
+                              f"which launches them, or `{launch}`")
+        device = multigpu.init(cp, device)
     pipe = load_pipeline(model, dtype=dtype, device=device, cpu_offload=opts.cpu_offload)
+    if cp > 1:
+        multigpu.enable(pipe, cp)
     kwargs = call_kwargs(pipe, model, opts)
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
     check_method_reaches(pipe, method, resolved_steps(pipe, kwargs))
@@ -449,14 +466,16 @@ def generate(opts: GenerateOptions) -> GenerateResult:
 
     stem = out / f"{_slug(model)}_{opts.method}"
     written = None
-    if video:
+    if not multigpu.is_main():  # one of several context-parallel ranks: rank 0 writes the outputs
+        output_path = stem.with_suffix(".png")
+    elif video:
         fps = next((v for k, v in VIDEO_FPS.items() if type(pipe).__name__.startswith(k)), 16)
         written = save_video(output, stem, fps=fps)
         output_path = written.path
     else:
         output_path = save_image(output, stem.with_suffix(".png"))
     sbs = None
-    if reference is not None:
+    if reference is not None and multigpu.is_main():
         caption = None if fidelity is None else (
             f"{opts.method} vs dense: PSNR {'inf' if math.isinf(fidelity.psnr) else f'{fidelity.psnr:.2f}'} dB, "
             f"SSIM {fidelity.ssim:.4f}" + (f"; {note}" if note else ""))

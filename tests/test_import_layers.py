@@ -27,6 +27,7 @@ LAYER_OF = {
     "": "app",  # diffaccel/__init__.py: apply/remove and the public names of every layer
     "cli": "app",
     "run": "app",
+    "multigpu": "app",
     "bench": "app",
     "calibrate": "app",
     "eval": "app",

@@ -188,7 +188,8 @@ class LocalityMethod(MethodBase):
             return None
         dev = device if isinstance(device, torch.device) else torch.device(device)
         key = (ctx.layer, layout.grid, layout.num_text, layout.text_first, layout.downsample, layout.hierarchical,
-               heads, dev, self.plan_key(layout, ctx, cfg))
+               heads if ctx.heads is None else (heads, ctx.heads.offset, ctx.heads.total),  # per-head masks: global ids
+               dev, self.plan_key(layout, ctx, cfg))
         plan = self._plans.get(key, _MISSING)
         if plan is _MISSING:
             plan = self._plans[key] = self.build_plan(layout, ctx, cfg, heads=heads, device=dev)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffaccel.context import RunContext
+from diffaccel.context import HeadShard, RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels import attention_with_lse, block_attention_mass, block_sparse_attention_unchecked
 from diffaccel.kernels.masks import SparseBlockMask
@@ -144,8 +144,14 @@ def select_blocks(
     recall_threshold: float = 0.8,
     head_adaptive: bool = True,
     min_recall: float = 0.0,
+    heads: HeadShard | None = None,
 ) -> Selection:
-    """AdaSpa's mask from the block mass ``(B, H, nq, nk)`` (see the module docstring for the rules)."""
+    """AdaSpa's mask from the block mass ``(B, H, nq, nk)`` (see the module docstring for the rules).
+
+    ``heads``: under context parallelism the call holds heads ``heads.offset ...`` of ``heads.total``; the head
+    tiers rank every head of the model (their recalls gathered across ranks), so each head gets the tier it gets
+    in a single-process run.
+    """
     B, H, nq, nk = mass.shape
     mass = mass.float()
     vis_q, vis_k = ~text_q, ~text_k
@@ -167,15 +173,22 @@ def select_blocks(
         return kept_rows(k)[..., vis_q].sum(-1) / row_total_v
 
     s = torch.full((B, H), float(sparsity), device=mass.device)
-    if head_adaptive and H >= 2 and sparsity > 0:
+    total_heads = H if heads is None else heads.total
+    if head_adaptive and total_heads >= 2 and sparsity > 0:
         base = recall_of(count(s))
-        n = (base > recall_threshold).sum(-1).clamp(max=H // 2)  # (B,)
-        rank_of = torch.empty_like(s, dtype=torch.long)
+        if heads is not None:
+            base = heads.gather(base)  # (B, total_heads): every head of the model, global order
+        n = (base > recall_threshold).sum(-1).clamp(max=total_heads // 2)  # (B,)
+        rank_of = torch.empty_like(base, dtype=torch.long)
         ranked = torch.sort(base, dim=-1, descending=True, stable=True).indices
-        rank_of.scatter_(-1, ranked, torch.arange(H, device=mass.device).expand(B, H).contiguous())
+        rank_of.scatter_(
+            -1, ranked, torch.arange(total_heads, device=mass.device).expand(B, total_heads).contiguous()
+        )
+        if heads is not None:
+            rank_of = rank_of[:, heads.offset: heads.offset + H]  # this call's heads
         d = min((1.0 - sparsity) / 2.0, sparsity)
         top = rank_of < n[:, None]
-        bottom = rank_of >= H - n[:, None]
+        bottom = rank_of >= total_heads - n[:, None]
         s = torch.where(top, s + d, torch.where(bottom, s - d, s))
     k_head = count(s)
     k_row = k_head[..., None].expand(B, H, nq)
@@ -212,6 +225,7 @@ class AdaSpaMethod(MethodBase):
     """AdaSpa (online block search from the LSE-cached block mass, head-adaptive sparsity tiers); text kept."""
 
     name = "adaspa"
+    context_parallel = frozenset({"ulysses"})  # tested: tests/test_context_parallel.py
     config_class = AdaSpaConfig
     config: AdaSpaConfig
 
@@ -273,24 +287,25 @@ class AdaSpaMethod(MethodBase):
             with self.meter.time("dense_lse", layer, q.device):
                 out, lse = attention_with_lse(q, k, v, scale=scale, backend=cfg.backend)
             with self.meter.time("search", layer, q.device):
-                self._search(q, k, lse, layout, layer, step, key, scale, keep_lse=bool(later))
+                self._search(q, k, lse, layout, layer, step, key, scale, keep_lse=bool(later), heads=ctx.heads)
             self.searches.append((layer, step, "fused"))
             return out
         if step in searches and st.searched_at != step and st.lse is not None:
             with self.meter.time("search", layer, q.device):
-                self._search(q, k, st.lse, layout, layer, step, key, scale, keep_lse=bool(later))
+                self._search(q, k, st.lse, layout, layer, step, key, scale, keep_lse=bool(later), heads=ctx.heads)
             self.searches.append((layer, step, "cached"))
             st = self._states[layer]
         with self.meter.time("sparse", layer, q.device):
             return block_sparse_attention_unchecked(q, k, v, st.mask, scale=scale, backend=cfg.backend)
 
-    def _search(self, q, k, lse, layout, layer, step, key, scale, *, keep_lse: bool) -> None:
+    def _search(self, q, k, lse, layout, layer, step, key, scale, *, keep_lse: bool,
+                heads: HeadShard | None = None) -> None:
         cfg = self.config
         n = q.shape[2]
         mass = block_attention_mass(q, k, lse, cfg.block_size, scale=scale, backend=cfg.backend)
         tq = text_blocks(layout, n, cfg.block_size, q.device)
         sel = select_blocks(mass, tq, tq, sparsity=cfg.sparsity, recall_threshold=cfg.recall_threshold,
-                            head_adaptive=cfg.head_adaptive, min_recall=cfg.min_recall)
+                            head_adaptive=cfg.head_adaptive, min_recall=cfg.min_recall, heads=heads)
         mask = SparseBlockMask.from_block_keep(
             sel.keep, q_len=n, kv_len=n, q_block_size=cfg.block_size, kv_block_size=cfg.block_size, validate=False)
         self._states[layer] = _LayerState(key, mask, sel.keep, lse if keep_lse else None, step, sel)

@@ -90,6 +90,10 @@ class MethodBase:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    context_parallel: ClassVar[frozenset[str]] = frozenset()
+    """The diffusers context-parallel modes this method runs exactly under (``"ulysses"``: the processor gives it
+    the whole sequence for a slice of the heads, ``ctx.heads`` says which; ``"ring"``: it merges partial results
+    over key shards by LSE). Empty: under context parallelism the processor raises instead of running it."""
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         if config is None:

@@ -21,6 +21,7 @@ class DenseMethod(MethodBase):
     """``F.scaled_dot_product_attention`` on every call, with the attention mask the model passes."""
 
     name = "dense"
+    context_parallel = frozenset({"ulysses", "ring"})  # tested: tests/test_context_parallel.py
     config_class = DenseConfig
 
     def __call__(

@@ -159,6 +159,7 @@ class GNAMethod(LocalityMethod):
     """Generalized Neighborhood Attention (NATTEN semantics) on image and video grids; text tokens dense."""
 
     name = "gna"
+    context_parallel = frozenset({"ulysses"})  # tested: tests/test_context_parallel.py
     config_class = GNAConfig
     config: GNAConfig
 

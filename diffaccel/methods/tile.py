@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffaccel.context import RunContext
+from diffaccel.context import HeadShard, RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.kernels.masks import TileMask
 from diffaccel.layout import TokenLayout
@@ -85,10 +85,16 @@ class TileMethod(LocalityMethod):
     """Efficient-vDiT attention tiles (frame-level sparsity, linear in frames) on video grids; text dense."""
 
     name = "tile"
+    context_parallel = frozenset({"ulysses"})  # tested: tests/test_context_parallel.py
     config_class = TileConfig
     config: TileConfig
 
-    def spec_for(self, layout: TokenLayout, cfg: TileConfig, heads: int, layer: str | None = None) -> TileMask:
+    def spec_for(
+        self, layout: TokenLayout, cfg: TileConfig, heads: int, layer: str | None = None,
+        shard: HeadShard | None = None,
+    ) -> TileMask:
+        """The tile mask of a call with ``heads`` heads; under context parallelism (``shard``) per-head frame lists
+        are given for the model's ``shard.total`` heads and this call takes rows ``shard.offset ...``."""
         grid = layout.grid
         assert grid is not None
         if len(grid) != 3:
@@ -96,15 +102,21 @@ class TileMethod(LocalityMethod):
                 f"tile: attention tiles need a video grid (frames, height, width), but layer {layer} has grid "
                 f"{grid}; use tile on video models (Wan, HunyuanVideo, CogVideoX, LTX-Video), not on image models"
             )
-        return TileMask(grid, cfg.frames_for(grid[0], heads), text=layout_text_spec(layout))
+        if shard is None:
+            frames = cfg.frames_for(grid[0], heads)
+        else:
+            frames = cfg.frames_for(grid[0], shard.total)
+            if frames and isinstance(frames[0], tuple):  # one list per head: this call's heads, by global id
+                frames = frames[shard.offset: shard.offset + heads]
+        return TileMask(grid, frames, text=layout_text_spec(layout))
 
     def build_plan(  # type: ignore[override]
         self, layout: TokenLayout, ctx: RunContext, cfg: TileConfig, *, heads: int, device: torch.device
     ) -> AttentionPlan:
-        return plan_for(self.spec_for(layout, cfg, heads, ctx.layer), cfg.block_size, device)
+        return plan_for(self.spec_for(layout, cfg, heads, ctx.layer, ctx.heads), cfg.block_size, device)
 
     def plan_parameters(self, layout: TokenLayout, ctx: RunContext, *, heads: int = 1) -> dict:  # type: ignore[override]
         cfg = self.config_for(ctx.layer) or self.config
-        spec = self.spec_for(layout, cfg, heads, ctx.layer)  # type: ignore[arg-type]
+        spec = self.spec_for(layout, cfg, heads, ctx.layer, ctx.heads)  # type: ignore[arg-type]
         return {"global_frames": spec.global_frames, "placement": cfg.placement}  # type: ignore[attr-defined]
 

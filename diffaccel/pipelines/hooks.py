@@ -10,7 +10,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod, method_class
-from diffaccel.pipelines import model_setup
+from diffaccel.pipelines import model_setup, parallel
 from diffaccel.pipelines.adapters.base import (
     adapter_for,
     bind_forward_args,
@@ -108,6 +108,7 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
             mark_hierarchical(module, family.hierarchical)
         for module in modules.values():
             adapter_for(module)  # every module must be supported before any processor is swapped
+        parallel.attach(processor, model)  # a model already under context parallelism: tell the processor, check
         model_setup.setup_model(processor.method, model)  # e.g. CLEAR's distilled projections
         for module in modules.values():
             module.set_processor(processor)

@@ -13,6 +13,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
+from diffaccel.pipelines.parallel import parallel_config, run_context_parallel
 from diffaccel.warn import warn_once
 
 
@@ -44,6 +45,10 @@ class DiffAccelAttnProcessor:
         **config: the method's configuration fields when ``method`` is a name.
     """
 
+    _parallel_config: Any = None
+    """diffusers' ``ParallelConfig`` when the model runs context parallelism (set by ``enable_parallelism``, which
+    sets it on every processor with this attribute, or by :func:`diffaccel.apply` on a parallel model)."""
+
     def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
         self.method = resolve_method(method, config)
         self.context = context if context is not None else RunContext()
@@ -70,6 +75,9 @@ class DiffAccelAttnProcessor:
         adapter = adapter_for(attn, call)
         ctx = self.context
         ctx.layer = layer_name(attn)
+        parallel = parallel_config(self, ctx)
+        if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
+            return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)
         out = self.method(
             projected.q, projected.k, projected.v, projected.layout, ctx,
