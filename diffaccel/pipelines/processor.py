@@ -12,6 +12,7 @@ import torch
 
 from diffaccel.context import RunContext
 from diffaccel.methods.base import AttentionMethod, get_method
+from diffaccel.pipelines import compile_ops
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
 from diffaccel.warn import warn_once
 
@@ -47,6 +48,16 @@ class DiffAccelAttnProcessor:
     def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
         self.method = resolve_method(method, config)
         self.context = context if context is not None else RunContext()
+        self._op_key = compile_ops.register_processor(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_op_key", None)  # process-local: a copy or an unpickled processor gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._op_key = compile_ops.register_processor(self)
 
     def __call__(
         self,
@@ -69,6 +80,14 @@ class DiffAccelAttnProcessor:
         )
         adapter = adapter_for(attn, call)
         ctx = self.context
+        if compile_ops.compiling():
+            # traced: the method runs inside one opaque op, found by graph values (no per-layer guards)
+            projected = adapter.project(attn, call, ctx)
+            out = torch.ops.diffaccel.attend(
+                projected.q, projected.k, projected.v, projected.attn_mask, compile_ops.get_layer_token(attn),
+                self._op_key, compile_ops.encode_layout(projected.layout), projected.scale,
+            )
+            return adapter.finish(attn, out, projected)
         ctx.layer = layer_name(attn)
         projected = adapter.project(attn, call, ctx)
         out = self.method(
