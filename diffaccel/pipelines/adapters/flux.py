@@ -97,7 +97,8 @@ class FluxAttentionAdapter(Adapter):
         num_tokens = query.shape[1]
         if double_stream:
             num_text = encoder_hidden_states.shape[1]
-            self._joint_text_len[ctx] = num_text
+            if not torch.compiler.is_compiling():  # traced, the store would guard on the dict (a recompile)
+                self._joint_text_len[ctx] = num_text
         else:
             num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
         layout = TokenLayout(
