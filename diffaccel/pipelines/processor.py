@@ -6,6 +6,7 @@ processor it replaces, and per-layer method state is keyed by the module's quali
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines import compile_ops
+from diffaccel.pipelines.objects import picklable_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
 from diffaccel.warn import warn_once
 
@@ -53,7 +55,17 @@ class DiffAccelAttnProcessor:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_op_key", None)  # process-local: a copy or an unpickled processor gets its own
+        state["method"] = picklable_method(self.method)  # pickling (torch.save): caches that cannot pickle dropped
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "DiffAccelAttnProcessor":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_op_key":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._op_key = compile_ops.register_processor(new)
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
