@@ -8,8 +8,9 @@ from typing import Any, Callable
 import torch
 
 from diffaccel.context import RunContext
-from diffaccel.errors import UnsupportedModelError
+from diffaccel.errors import ConfigError, UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod, method_class
+from diffaccel.methods.guard import QualityGuard, check_budget
 from diffaccel.pipelines import compile_ops, model_setup
 from diffaccel.pipelines.adapters.base import (
     adapter_for,
@@ -57,7 +58,13 @@ def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProcessor = "dense", **config: Any) -> DiffAccelAttnProcessor:
+def apply(
+    pipe_or_model: Any,
+    method: AttentionMethod | str | DiffAccelAttnProcessor = "dense",
+    *,
+    guard: float | None = None,
+    **config: Any,
+) -> DiffAccelAttnProcessor:
     """Replace the attention of a pipeline's denoisers (or of one model) with ``method``.
 
     Records the stock processors (so :func:`remove` restores them and adapters know the exact model code to
@@ -67,13 +74,21 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     Args:
         pipe_or_model: a diffusers pipeline, or a transformer / UNet model.
         method: a registered method name, a method instance, or a :class:`DiffAccelAttnProcessor`.
+        guard: a relative L1 error budget (e.g. ``0.05``): each layer's first call that runs the method is checked
+            against dense attention on sampled query rows and layers above the budget run dense for the rest of the
+            run (:class:`~diffaccel.methods.guard.QualityGuard`; ``processor.method.report()`` tells which).
         **config: the method's parameters when ``method`` is a name.
 
     Returns:
         The processor installed on every attention module.
     """
+    if guard is not None:
+        check_budget(guard)
     wrapper = _denoiser_wrapper(method)
-    if wrapper is not None:  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
+    if wrapper is not None:
+        if guard is not None:
+            raise ConfigError("guard= is not supported with a method that wraps the denoiser call (SoftPAG): its "
+                              "output is a guidance term, not attention to compare with dense")  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
         return wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
     models = denoisers_of(pipe_or_model)
     for model in models:
@@ -84,6 +99,9 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         processor = method
     else:
         processor = DiffAccelAttnProcessor(method, **config)
+    if guard is not None:
+        inner = processor.method.method if isinstance(processor.method, QualityGuard) else processor.method
+        processor.method = QualityGuard(inner, guard)
     remove(pipe_or_model)
     ctx = processor.context
     scheduler = getattr(pipe_or_model, "scheduler", None)
