@@ -119,6 +119,10 @@ def generate(
         Optional[int],
         typer.Option(min=1, help="Timed calls per run, method and dense alternating (default 5; medians, min-max)."),
     ] = None,
+    guard: Annotated[
+        Optional[float],
+        typer.Option(help="Quality guard: relative L1 error budget vs dense (e.g. 0.05); layers above it run dense."),
+    ] = None,
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
     from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table
@@ -141,10 +145,13 @@ def generate(
         compare=compare,
         warmup=warmup,
         repeats=repeats,
+        guard=guard,
     )
     console = Console()
     result = run_generate(options)
     console.print(results_table(result))
+    if result.guard is not None:
+        console.print(result.guard)
     if (line := overhead_line(result)) is not None:
         console.print(line)
     if result.video is not None:

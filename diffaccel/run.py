@@ -104,6 +104,8 @@ class GenerateOptions:
     repeats: int | None = None
     """Timed calls per run, alternating method and dense (default :data:`DEFAULT_REPEATS`); the table shows their
     medians and min-max."""
+    guard: float | None = None
+    """Quality guard budget (relative L1 error vs dense on sampled rows; :class:`~diffaccel.methods.guard.QualityGuard`)."""
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -375,6 +377,8 @@ class GenerateResult:
     side_by_side_path: Path | None = None
     overhead: dict[str, float] | None = None
     """The method's ``overhead()`` after its last run (online methods: search/scoring seconds vs attention saved)."""
+    guard: str | None = None
+    """The quality guard's summary (``--guard``): layers that fell back to dense, errors, density kept, its cost."""
 
     @property
     def dense(self) -> RunRecord | None:
@@ -394,6 +398,9 @@ def _slug(text: str) -> str:
 def generate(opts: GenerateOptions) -> GenerateResult:
     """Run ``opts.method`` (and dense unless ``opts.compare`` is False), write the outputs, return the records."""
     method: AttentionMethod = get_method(opts.method, **opts.params)  # bad names and values fail before loading
+    from diffaccel.methods.guard import QualityGuard
+
+    applied = method if opts.guard is None else QualityGuard(method, opts.guard)
     model = opts.model or default_model()
     if not isinstance(opts.seed, int) or opts.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {opts.seed!r}")
@@ -423,7 +430,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
 
     # The method first, then dense, alternating call by call; the same method object is re-applied each time,
     # so whatever it caches (plans, masks) is built in its warm-up call, as in a long-running process.
-    sides = [Side(opts.method, lambda: apply(pipe, method), call)]
+    sides = [Side(opts.method, lambda: apply(pipe, applied), call)]
     if opts.compare:
         sides.append(Side("dense", lambda: remove(pipe), call))
     try:
@@ -477,6 +484,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         video=written,
         side_by_side_path=sbs,
         overhead=overhead,
+        guard=applied.report().summary() if isinstance(applied, QualityGuard) else None,
     )
 
 
