@@ -280,3 +280,39 @@ def test_aot_eager_matches_eager_for_a_sparse_method():
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(**kw)[0]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     assert not math.isnan(float(out.sum()))
+
+
+def test_triton_statistics_kernels_are_opaque_custom_ops_under_fullgraph():
+    from diffaccel.kernels import attention_with_lse, block_attention_mass
+    from diffaccel.kernels import ops
+    from diffaccel.kernels.reference import attention_with_lse_reference, block_attention_mass_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    torch.library.opcheck(ops.attention_with_lse_op, (q, k, v, 0.25))
+    lse = attention_with_lse_reference(q, k, v, scale=0.25)[1]
+    torch.library.opcheck(ops.block_attention_mass_op, (q, k, lse, 16, 16, 0.25))
+
+    def stats(q, k, v):
+        out, lse = attention_with_lse(q, k, v, scale=0.25)
+        return out, lse, block_attention_mass(q, k, lse, 16, scale=0.25)
+
+    backend = CountingBackend()
+    got = torch.compile(stats, fullgraph=True, backend=backend)(q, k, v)
+    ref_out, ref_lse = attention_with_lse_reference(q, k, v, scale=0.25)
+    ref_mass = block_attention_mass_reference(q, k, ref_lse, (16, 16), scale=0.25)
+    for a, b in zip(got, (ref_out, ref_lse, ref_mass)):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert backend.graphs == 1
+    gm = torch.export.export(_Stats(), (q, k, v)).graph
+    targets = {str(n.target) for n in gm.nodes if n.op == "call_function"}
+    assert {"diffaccel.attention_with_lse.default", "diffaccel.block_attention_mass.default"} <= targets
+
+
+class _Stats(torch.nn.Module):
+    def forward(self, q, k, v):
+        from diffaccel.kernels import attention_with_lse, block_attention_mass
+
+        out, lse = attention_with_lse(q, k, v, scale=0.25)
+        return out, block_attention_mass(q, k, lse, 16, scale=0.25)

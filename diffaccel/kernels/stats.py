@@ -190,6 +190,10 @@ def block_attention_mass(
 
     if _choose_backend(backend, q.device, "block_attention_mass") == "reference":
         return block_attention_mass_reference(q, k, lse, (block_q, block_k), scale=scale)
+    if torch.compiler.is_compiling():  # traced: the kernel as one opaque op (diffaccel/kernels/ops.py)
+        from diffaccel.kernels import ops
+
+        return ops.block_attention_mass_op(q, k, lse, block_q, block_k, float(scale))
 
     kernel = _block_mass_kernel()
     n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
@@ -232,6 +236,10 @@ def attention_with_lse(
     scale = _scale(scale, q.shape[-1])
     if _choose_backend(backend, q.device, "attention_with_lse") == "reference":
         return attention_with_lse_reference(q, k, v, scale=scale)
+    if torch.compiler.is_compiling():  # traced: the kernel as one opaque op (diffaccel/kernels/ops.py)
+        from diffaccel.kernels import ops
+
+        return ops.attention_with_lse_op(q, k, v, float(scale))
     from diffaccel.kernels.dispatch import block_sparse_attention
 
     mask = _dense_mask(q.shape[-2], k.shape[-2], str(q.device))
