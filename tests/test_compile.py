@@ -8,8 +8,6 @@ method, checking the compiled output against eager and that the method itself (n
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -159,11 +157,13 @@ def test_every_method_runs_in_one_fullgraph_compiled_denoiser(family):
     assert {"gna", "msw", "clear", "agent", "vmoba", "paro"} <= set(ran) | {n for f, n in REFUSED if f == family}
 
 
-def test_compiled_step_state_is_recorded_at_run_time():
-    """Python side effects of a traced hook would land after the graph: the step must be the call's own."""
+@pytest.mark.parametrize("positional", [False, True])
+def test_compiled_step_state_is_recorded_at_run_time(positional):
+    """Python side effects of a traced hook would land after the graph: the step must be the call's own (with
+    AOTAutograd, which would drop a recording op whose output the model does not consume)."""
     model = tiny_denoiser("wan")
     processor = diffaccel.apply(model, "dense")
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if positional else "eager")
     seen = []
 
     class Spy:
@@ -176,7 +176,11 @@ def test_compiled_step_state_is_recorded_at_run_time():
     processor.method = Spy()
     with torch.no_grad():
         for t in (900.0, 500.0):
-            compiled(**{**denoiser_inputs("wan"), "timestep": torch.tensor([t])})
+            kw = {**denoiser_inputs("wan"), "timestep": torch.tensor([t])}
+            if positional:
+                compiled(kw.pop("hidden_states"), **kw)
+            else:
+                compiled(**kw)
     self_calls = [s for s in seen if s[3] is not None]
     assert [s[:3] for s in self_calls] == [(0, 900.0, "blocks.0.attn1"), (0, 900.0, "blocks.1.attn1"),
                                            (1, 500.0, "blocks.0.attn1"), (1, 500.0, "blocks.1.attn1")]
@@ -204,13 +208,13 @@ def test_pipeline_announces_the_flux_grid_to_a_compiled_transformer():
 
     pipe = build_tiny("tiny-flux")
     diffaccel.apply(pipe, "gna", kernel_size=3, block_size=16, backend="reference")
-    kwargs = tiny_spec("tiny-flux").call_kwargs(num_inference_steps=1, output_type="latent")
+    kwargs = tiny_spec("tiny-flux").call_kwargs(num_inference_steps=1, output_type="latent", width=32)  # 16x8
     with torch.no_grad():
         eager = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
         pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend="eager")
         compiled = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    assert pipe.transformer._orig_mod.__dict__["_diffaccel_grid"] == (16, 16)
+    assert pipe.transformer._orig_mod.__dict__["_diffaccel_grid"] == (16, 8)
     diffaccel.remove(pipe)
     assert "_prepare_latent_image_ids" not in pipe.__dict__
 
@@ -268,18 +272,6 @@ def test_export_of_a_denoiser_with_a_static_method():
         assert "diffaccel.attend.default" in targets
         out = exported.module()(**kw)[0]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-
-
-def test_aot_eager_matches_eager_for_a_sparse_method():
-    """AOTAutograd (functionalization, the fake implementations' shapes) on the whole denoiser."""
-    model = tiny_denoiser("wan")
-    diffaccel.apply(model, "vmoba", backend="reference", dense_fraction=0.0)
-    kw = denoiser_inputs("wan", seed=3)
-    with torch.no_grad():
-        eager = model(**kw)[0]
-        out = torch.compile(model, fullgraph=True, backend="aot_eager")(**kw)[0]
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    assert not math.isnan(float(out.sum()))
 
 
 def test_triton_statistics_kernels_are_opaque_custom_ops_under_fullgraph():
