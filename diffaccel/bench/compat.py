@@ -264,7 +264,7 @@ def render_table(results: dict[str, dict[str, str]]) -> str:
     for name, cells in results.items():
         row = []
         for feature in FEATURES:
-            status = cells.get(feature, "")
+            status = cells.get(feature, "FAIL: not run")
             if status == "pass":
                 row.append("pass")
                 continue
