@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "method_parameters": "diffaccel.methods.base",
     "apply": "diffaccel.pipelines.hooks",
     "remove": "diffaccel.pipelines.hooks",
+    "set_grid": "diffaccel.pipelines.hooks",
     "DiffAccelAttnProcessor": "diffaccel.pipelines.processor",
     "disable_softpag": "diffaccel.pipelines.guidance",
     "enable_softpag": "diffaccel.pipelines.guidance",
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
     from diffaccel.layout import TokenLayout
     from diffaccel.methods.base import AttentionMethod, MethodConfig, get_method, list_methods, method_parameters
     from diffaccel.pipelines.guidance import disable_softpag, enable_softpag
-    from diffaccel.pipelines.hooks import apply, remove
+    from diffaccel.pipelines.hooks import apply, remove, set_grid
     from diffaccel.pipelines.named_processors import (
         AgentAttnProcessor,
         ClearAttnProcessor,

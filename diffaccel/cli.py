@@ -125,6 +125,10 @@ def generate(
         typer.Option("--cp", min=1, help="Context parallelism: N processes (GPUs) share each denoiser call "
                      "(diffusers Ulysses, launched through torchrun; rank 0 writes the outputs)."),
     ] = 1,
+    guard: Annotated[
+        Optional[float],
+        typer.Option(help="Quality guard: relative L1 error budget vs dense (e.g. 0.05); layers above it run dense."),
+    ] = None,
 ) -> None:
     """Generate with a method (and with dense), print latency, speedup, PSNR and SSIM, write the outputs."""
     if cp > 1:
@@ -153,12 +157,15 @@ def generate(
         warmup=warmup,
         repeats=repeats,
         cp=cp,
+        guard=guard,
     )
     console = Console()
     result = run_generate(options)
     if cp > 1 and not multigpu.is_main():
         return  # rank 0 prints and writes
     console.print(results_table(result))
+    if result.guard is not None:
+        console.print(result.guard)
     if (line := overhead_line(result)) is not None:
         console.print(line)
     if result.video is not None:

@@ -111,6 +111,8 @@ class GenerateOptions:
     cp: int = 1
     """Context-parallel degree: the run is one of ``cp`` torchrun ranks sharing each denoiser call (Ulysses,
     :mod:`diffaccel.multigpu`); rank 0 writes the outputs."""
+    guard: float | None = None
+    """Quality guard budget (relative L1 error vs dense on sampled rows; :class:`~diffaccel.methods.guard.QualityGuard`)."""
 
 
 # ----------------------------------------------------------------------------------------------- sizes
@@ -382,6 +384,8 @@ class GenerateResult:
     side_by_side_path: Path | None = None
     overhead: dict[str, float] | None = None
     """The method's ``overhead()`` after its last run (online methods: search/scoring seconds vs attention saved)."""
+    guard: str | None = None
+    """The quality guard's summary (``--guard``): layers that fell back to dense, errors, density kept, its cost."""
 
     @property
     def dense(self) -> RunRecord | None:
@@ -401,6 +405,9 @@ def _slug(text: str) -> str:
 def generate(opts: GenerateOptions) -> GenerateResult:
     """Run ``opts.method`` (and dense unless ``opts.compare`` is False), write the outputs, return the records."""
     method: AttentionMethod = get_method(opts.method, **opts.params)  # bad names and values fail before loading
+    from diffaccel.methods.guard import QualityGuard
+
+    applied = method if opts.guard is None else QualityGuard(method, opts.guard)
     model = opts.model or default_model()
     if not isinstance(opts.seed, int) or opts.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {opts.seed!r}")
@@ -440,7 +447,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
 
     # The method first, then dense, alternating call by call; the same method object is re-applied each time,
     # so whatever it caches (plans, masks) is built in its warm-up call, as in a long-running process.
-    sides = [Side(opts.method, lambda: apply(pipe, method), call)]
+    sides = [Side(opts.method, lambda: apply(pipe, applied), call)]
     if opts.compare:
         sides.append(Side("dense", lambda: remove(pipe), call))
     try:
@@ -496,6 +503,7 @@ def generate(opts: GenerateOptions) -> GenerateResult:
         video=written,
         side_by_side_path=sbs,
         overhead=overhead,
+        guard=applied.report().summary() if isinstance(applied, QualityGuard) else None,
     )
 
 

@@ -190,6 +190,8 @@ def block_attention_mass(
 
     if _choose_backend(backend, q.device, "block_attention_mass") == "reference":
         return block_attention_mass_reference(q, k, lse, (block_q, block_k), scale=scale)
+    if torch.compiler.is_compiling():  # traced: the kernel as one opaque op (diffaccel/kernels/ops.py)
+        return block_attention_mass_op(q, k, lse, block_q, block_k, float(scale))
 
     kernel = _block_mass_kernel()
     n_qb, n_kb = -(-n_q // block_q), -(-n_k // block_k)
@@ -232,6 +234,8 @@ def attention_with_lse(
     scale = _scale(scale, q.shape[-1])
     if _choose_backend(backend, q.device, "attention_with_lse") == "reference":
         return attention_with_lse_reference(q, k, v, scale=scale)
+    if torch.compiler.is_compiling():  # traced: the kernel as one opaque op (diffaccel/kernels/ops.py)
+        return attention_with_lse_op(q, k, v, float(scale))
     from diffaccel.kernels.dispatch import block_sparse_attention
 
     mask = _dense_mask(q.shape[-2], k.shape[-2], str(q.device))
@@ -241,3 +245,30 @@ def attention_with_lse(
 @functools.lru_cache(maxsize=16)
 def _dense_mask(q_len: int, kv_len: int, device: str) -> SparseBlockMask:
     return SparseBlockMask.dense(q_len, kv_len, _DENSE_BLOCK, device=device)
+
+
+# -- custom ops (the Triton paths as opaque ops under torch.compile; see diffaccel/kernels/ops.py) --------------
+@torch.library.custom_op("diffaccel::attention_with_lse", mutates_args=())
+def attention_with_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention and its log-sum-exp on the Triton kernel (:func:`~diffaccel.kernels.stats.attention_with_lse`)."""
+    out, lse = attention_with_lse(q, k, v, scale=scale, backend="triton")
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_with_lse_op.register_fake
+def _attention_with_lse_fake(q, k, v, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("diffaccel::block_attention_mass", mutates_args=())
+def block_attention_mass_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_q: int, block_k: int,
+                            scale: float) -> torch.Tensor:
+    """Attention mass per (query block, key block) on the Triton kernel (:func:`~diffaccel.kernels.stats.block_attention_mass`)."""
+    return block_attention_mass(q, k, lse, (block_q, block_k), scale=scale, backend="triton")
+
+
+@block_attention_mass_op.register_fake
+def _block_attention_mass_fake(q, k, lse, block_q, block_k, scale):
+    b, h, n_q = q.shape[:3]
+    n_k = k.shape[2]
+    return q.new_empty((b, h, -(-n_q // block_q), -(-n_k // block_k)), dtype=torch.float32)

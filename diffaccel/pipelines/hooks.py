@@ -8,9 +8,10 @@ from typing import Any, Callable
 import torch
 
 from diffaccel.context import RunContext
-from diffaccel.errors import UnsupportedModelError
+from diffaccel.errors import ConfigError, UnsupportedModelError
 from diffaccel.methods.base import AttentionMethod, method_class
-from diffaccel.pipelines import model_setup, parallel
+from diffaccel.methods.guard import QualityGuard, check_budget
+from diffaccel.pipelines import compile_ops, model_setup, parallel
 from diffaccel.pipelines.adapters.base import (
     adapter_for,
     bind_forward_args,
@@ -57,7 +58,13 @@ def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProcessor = "dense", **config: Any) -> DiffAccelAttnProcessor:
+def apply(
+    pipe_or_model: Any,
+    method: AttentionMethod | str | DiffAccelAttnProcessor = "dense",
+    *,
+    guard: float | None = None,
+    **config: Any,
+) -> DiffAccelAttnProcessor:
     """Replace the attention of a pipeline's denoisers (or of one model) with ``method``.
 
     Records the stock processors (so :func:`remove` restores them and adapters know the exact model code to
@@ -67,13 +74,21 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     Args:
         pipe_or_model: a diffusers pipeline, or a transformer / UNet model.
         method: a registered method name, a method instance, or a :class:`DiffAccelAttnProcessor`.
+        guard: a relative L1 error budget (e.g. ``0.05``): each layer's first call that runs the method is checked
+            against dense attention on sampled query rows and layers above the budget run dense for the rest of the
+            run (:class:`~diffaccel.methods.guard.QualityGuard`; ``processor.method.report()`` tells which).
         **config: the method's parameters when ``method`` is a name.
 
     Returns:
         The processor installed on every attention module.
     """
+    if guard is not None:
+        check_budget(guard)
     wrapper = _denoiser_wrapper(method)
-    if wrapper is not None:  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
+    if wrapper is not None:
+        if guard is not None:
+            raise ConfigError("guard= is not supported with a method that wraps the denoiser call (SoftPAG): its "
+                              "output is a guidance term, not attention to compare with dense")  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
         return wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
     models = denoisers_of(pipe_or_model)
     for model in models:
@@ -84,12 +99,18 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         processor = method
     else:
         processor = DiffAccelAttnProcessor(method, **config)
+    if guard is not None:
+        inner = processor.method.method if isinstance(processor.method, QualityGuard) else processor.method
+        processor.method = QualityGuard(inner, guard)
     remove(pipe_or_model)
     ctx = processor.context
     scheduler = getattr(pipe_or_model, "scheduler", None)
     if scheduler is not None:
-        ctx.num_steps_fn = lambda: _scheduler_steps(scheduler)
-        ctx.step_fn = (lambda: scheduler_step(scheduler)) if _counts_steps(scheduler) else None
+        # callable objects, not closures: a model with diffaccel applied stays picklable and deep-copyable
+        ctx.num_steps_fn = SchedulerSteps(scheduler)
+        ctx.step_fn = SchedulerStep(scheduler) if _counts_steps(scheduler) else None
+    if not isinstance(pipe_or_model, torch.nn.Module):
+        record_pipeline_grid(pipe_or_model, models)
     for model in models:
         model_setup.warn_lingering(processor.method, model)
         family = family_of(model)
@@ -104,6 +125,7 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
             stock[name] = current
             module.__dict__["_diffaccel_stock_processor"] = current
             module.__dict__["_diffaccel_name"] = name
+            compile_ops.set_layer_token(module, name)
             module.__dict__.pop("_diffaccel_adapter", None)
             mark_hierarchical(module, family.hierarchical)
         for module in modules.values():
@@ -112,7 +134,7 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         model_setup.setup_model(processor.method, model)  # e.g. CLEAR's distilled projections
         for module in modules.values():
             module.set_processor(processor)
-        hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
+        hook = model.register_forward_pre_hook(ContextHook(ctx, processor), with_kwargs=True)
         model.__dict__["_diffaccel_installation"] = Installation(processor=processor, stock=stock, hook=hook)
     return processor
 
@@ -134,6 +156,10 @@ def remove(pipe_or_model: Any) -> None:
         inst.hook.remove()
         for h in inst.extra_hooks:
             h.remove()
+    if not isinstance(pipe_or_model, torch.nn.Module):
+        recorder = pipe_or_model.__dict__.get("_prepare_latent_image_ids")
+        if isinstance(recorder, GridRecorder):
+            del pipe_or_model.__dict__["_prepare_latent_image_ids"]
 
 
 def _recover_stock_processor(module: torch.nn.Module) -> Any:
@@ -175,18 +201,114 @@ def installed_processor(model: torch.nn.Module) -> DiffAccelAttnProcessor | None
     return None if inst is None else inst.processor
 
 
-def _context_hook(model: torch.nn.Module, ctx: RunContext) -> Callable:
-    family = family_of(model)
+GRID_ATTR = "_diffaccel_grid"
+"""Attribute of a denoiser holding the latent token grid announced outside its tensors (by the pipeline, or by
+:func:`set_grid`): the grid FLUX reads under ``torch.compile``, where reading ``img_ids`` values would be a
+data-dependent guard."""
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+
+def set_grid(pipe_or_model: Any, grid: tuple[int, ...] | None) -> None:
+    """Tell the denoisers of ``pipe_or_model`` their latent token grid (``(rows, cols)`` or ``(frames, rows,
+    cols)``) for calls that do not go through a pipeline that announces it (a FLUX transformer compiled and called
+    directly). ``None`` forgets it. The grid is checked against the shape of each call's inputs, never their values.
+    """
+    if grid is not None:
+        if not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3) or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid
+        ):
+            raise ValueError(f"grid must be a tuple of 2 or 3 positive ints (rows, cols) or (frames, rows, cols), "
+                             f"got {grid!r}")
+        grid = tuple(grid)
+    for model in denoisers_of(pipe_or_model):
+        if grid is None:
+            model.__dict__.pop(GRID_ATTR, None)
+        else:
+            model.__dict__[GRID_ATTR] = grid
+
+
+class GridRecorder:
+    """Wraps a pipeline's ``_prepare_latent_image_ids(batch, height, width, device, dtype)`` (FLUX pipelines): the
+    ids it builds describe a ``(height, width)`` grid, recorded as Python ints on the denoisers (:data:`GRID_ATTR`)
+    so a compiled denoiser gets its grid without reading the ids. A picklable object, not a closure."""
+
+    def __init__(self, original: Callable[..., torch.Tensor], models: list[torch.nn.Module]) -> None:
+        self.original = original
+        self.models = models
+
+    def __call__(self, batch_size: int, height: int, width: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        for model in self.models:
+            model.__dict__[GRID_ATTR] = (int(height), int(width))
+        return self.original(batch_size, height, width, *args, **kwargs)
+
+
+def record_pipeline_grid(pipe: Any, models: list[torch.nn.Module]) -> None:
+    """Install a :class:`GridRecorder` on a pipeline that builds FLUX-style image ids (others need none)."""
+    original = getattr(type(pipe), "_prepare_latent_image_ids", None)
+    if original is None or isinstance(pipe.__dict__.get("_prepare_latent_image_ids"), GridRecorder):
+        return
+    pipe.__dict__["_prepare_latent_image_ids"] = GridRecorder(original, models)
+
+
+class SchedulerSteps:
+    """``num_steps`` of a run from the pipeline's scheduler (a picklable callable)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def __call__(self) -> int | None:
+        return _scheduler_steps(self.scheduler)
+
+
+class SchedulerStep:
+    """The step the pipeline's scheduler is at (:func:`scheduler_step`; a picklable callable)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def __call__(self) -> int:
+        return scheduler_step(self.scheduler)
+
+
+class ContextHook:
+    """The denoiser's forward pre-hook: fills the :class:`RunContext` (grid, text length, step) before each call.
+
+    A picklable object (``torch.save`` of a whole model, ``copy.deepcopy``). Eagerly it records the call directly.
+    Traced by dynamo (a full-model ``torch.compile`` or ``torch.export``), it sets the grid and text length, which
+    come from shapes and recorded Python ints, for the adapters' traced layouts, and leaves the per-call state
+    (step, timestep) to the ``diffaccel::begin_call`` op, which runs when the graph runs (dynamo would apply Python
+    side effects only after the graph).
+    """
+
+    def __init__(self, ctx: RunContext, processor: DiffAccelAttnProcessor) -> None:
+        self.ctx = ctx
+        self.processor = processor
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        family = family_of(module)
         bound = bind_forward_args(module, args, kwargs)
         grid, text_len = family.read_inputs(module, bound)
+        if compile_ops.compiling():
+            return self._traced(module, args, kwargs, bound, grid, text_len)
         # the timestep is read (a host sync) only when the scheduler does not count the steps itself
-        ctx.begin_denoiser_call(grid, text_len, bound.get("timestep"))
+        self.ctx.begin_denoiser_call(grid, text_len, bound.get("timestep"))
         if family.begin_forward is not None:
-            family.begin_forward(module, bound, ctx)
+            family.begin_forward(module, bound, self.ctx)
+        return None
 
-    return hook
+    def _traced(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], bound: dict[str, Any],
+                grid: tuple[int, ...] | None, text_len: int | None) -> Any:
+        hidden = bound["hidden_states"]
+        timestep = bound.get("timestep")
+        is_tensor = isinstance(timestep, torch.Tensor)
+        recorded = torch.ops.diffaccel.begin_call(
+            hidden, timestep if is_tensor else None,
+            None if (is_tensor or timestep is None) else float(timestep), self.processor._op_key,
+            None if grid is None else list(grid), text_len,
+        )
+        self.ctx.grid, self.ctx.text_len = grid, text_len  # trace time: the layouts the adapters build now
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": recorded}
+        return (recorded, *args[1:]), kwargs
 
 
 def _counts_steps(scheduler: Any) -> bool:

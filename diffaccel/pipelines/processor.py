@@ -6,12 +6,16 @@ processor it replaces, and per-layer method state is keyed by the module's quali
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from diffaccel.context import RunContext
+from diffaccel.errors import ConfigError
 from diffaccel.methods.base import AttentionMethod, get_method
+from diffaccel.pipelines import compile_ops
+from diffaccel.pipelines.objects import picklable_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
 from diffaccel.pipelines.parallel import parallel_config, run_context_parallel
 from diffaccel.warn import warn_once
@@ -52,6 +56,26 @@ class DiffAccelAttnProcessor:
     def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
         self.method = resolve_method(method, config)
         self.context = context if context is not None else RunContext()
+        self._op_key = compile_ops.register_processor(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_op_key", None)  # process-local: a copy or an unpickled processor gets its own
+        state["method"] = picklable_method(self.method)  # pickling (torch.save): caches that cannot pickle dropped
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "DiffAccelAttnProcessor":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_op_key":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._op_key = compile_ops.register_processor(new)
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._op_key = compile_ops.register_processor(self)
 
     def __call__(
         self,
@@ -74,8 +98,23 @@ class DiffAccelAttnProcessor:
         )
         adapter = adapter_for(attn, call)
         ctx = self.context
+        compiling = compile_ops.compiling()
+        parallel = parallel_config(self, None if compiling else ctx)  # no guard on run state while tracing
+        if compiling:
+            if parallel is not None:
+                raise ConfigError(
+                    f"method {self.method.name!r}: diffaccel does not run under torch.compile with context "
+                    "parallelism yet (its all-to-all runs outside the compiled graph); compile without "
+                    "enable_parallelism, or run context parallelism eagerly"
+                )
+            # traced: the method runs inside one opaque op, found by graph values (no per-layer guards)
+            projected = adapter.project(attn, call, ctx)
+            out = torch.ops.diffaccel.attend(
+                projected.q, projected.k, projected.v, projected.attn_mask, compile_ops.get_layer_token(attn),
+                self._op_key, compile_ops.encode_layout(projected.layout), projected.scale,
+            )
+            return adapter.finish(attn, out, projected)
         ctx.layer = layer_name(attn)
-        parallel = parallel_config(self, ctx)
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)

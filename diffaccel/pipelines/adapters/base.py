@@ -62,6 +62,11 @@ class Adapter:
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
         raise NotImplementedError
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # adapters are registered singletons (cached on modules): a pickled or deep-copied model refers to the
+        # registered instance, never a copy of its per-run bookkeeping (weak references cannot be pickled)
+        return registered_adapter, (type(self).__module__, type(self).__qualname__)
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -96,6 +101,18 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     for name in cls.stock_processors:
         _ADAPTERS[name] = instance
     return cls
+
+
+def registered_adapter(module: str, qualname: str) -> Adapter:
+    """The registered instance of the adapter class ``module.qualname`` (how pickled models refer to adapters)."""
+    _load_builtin_adapters()
+    import importlib
+
+    importlib.import_module(module)
+    for adapter in _ADAPTERS.values():
+        if type(adapter).__module__ == module and type(adapter).__qualname__ == qualname:
+            return adapter
+    raise UnsupportedModelError(f"adapter {module}.{qualname} is not registered in this process")
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

@@ -97,7 +97,8 @@ class FluxAttentionAdapter(Adapter):
         num_tokens = query.shape[1]
         if double_stream:
             num_text = encoder_hidden_states.shape[1]
-            self._joint_text_len[ctx] = num_text
+            if not torch.compiler.is_compiling():  # traced, the store would guard on the dict (a recompile)
+                self._joint_text_len[ctx] = num_text
         else:
             num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
         layout = TokenLayout(
@@ -183,10 +184,28 @@ def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tup
     if img_ids is None:
         raise LayoutError("the FLUX transformer was called without img_ids; they give the latent grid")
     num_visual = int(args["hidden_states"].shape[1])
-    grid = _GRIDS.get(img_ids, lambda ids: flux_grid(ids, num_visual))
     encoder_hidden_states = args.get("encoder_hidden_states")
     text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
+    if torch.compiler.is_compiling():
+        return _announced_grid(model, img_ids, num_visual), text_len
+    grid = _GRIDS.get(img_ids, lambda ids: flux_grid(ids, num_visual))
     return grid, text_len
+
+
+def _announced_grid(model: torch.nn.Module, img_ids: torch.Tensor, num_visual: int) -> tuple[int, int]:
+    """The grid under ``torch.compile``: announced as Python ints (by the pipeline's ``_prepare_latent_image_ids``
+    that :func:`diffaccel.apply` wraps, or by ``diffaccel.set_grid``) and checked against the SHAPES of ``img_ids``
+    and ``hidden_states``; reading the ids' values would be a data-dependent guard."""
+    grid = model.__dict__.get("_diffaccel_grid")
+    positions = img_ids.shape[-2] if img_ids.ndim in (2, 3) else -1
+    if grid is None or len(grid) != 2 or grid[0] * grid[1] != num_visual or positions != num_visual:
+        raise LayoutError(
+            f"under torch.compile the FLUX latent grid is not read from img_ids values (a data-dependent guard), "
+            f"and the announced grid {grid} does not describe this call ({num_visual} image tokens, img_ids shaped "
+            f"{tuple(img_ids.shape)}): run the compiled transformer through its pipeline after diffaccel.apply(pipe, "
+            "...), which records the grid, or call diffaccel.set_grid(transformer, (rows, cols)) before calling it"
+        )
+    return grid
 
 
 register_family(
