@@ -57,8 +57,18 @@ class DiffAccelAttnProcessor:
         image_rotary_emb: Any = None,
         rotary_emb: Any = None,
         temb: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+        query_rotary_emb: Any = None,
+        key_rotary_emb: Any = None,
         **kwargs: Any,
     ) -> Any:
+        # diffusers passes a processor only the keywords its signature names (Qwen-Image's prompt mask, Z-Image's
+        # RoPE, LTX-2's query/key RoPE): named here, they reach the routed stock processor through `extra`
+        for name, value in (("encoder_hidden_states_mask", encoder_hidden_states_mask), ("freqs_cis", freqs_cis),
+                            ("query_rotary_emb", query_rotary_emb), ("key_rotary_emb", key_rotary_emb)):
+            if value is not None:
+                kwargs[name] = value
         call = AttentionCall(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
@@ -70,6 +80,9 @@ class DiffAccelAttnProcessor:
         adapter = adapter_for(attn, call)
         ctx = self.context
         ctx.layer = layer_name(attn)
+        if getattr(adapter, "runs_stock", False):  # the stock processor runs, its attention call routed (dispatch.py)
+            slots = (encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb)
+            return adapter.run_stock(attn, call, ctx, self.method, slots=slots)
         projected = adapter.project(attn, call, ctx)
         out = self.method(
             projected.q, projected.k, projected.v, projected.layout, ctx,
