@@ -1,0 +1,129 @@
+"""Tiny offline pipelines of the recent families (FLUX.2 Klein, Qwen-Image, Z-Image, HunyuanVideo-1.5, LTX-2).
+
+Same rules as :mod:`diffaccel.pipelines.tiny`: the real diffusers pipeline classes around tiny, seeded, randomly
+initialised models built from configs in memory (no file, no network). The text encoders are tiny configs of the
+transformers classes the real checkpoints use (Qwen3, Qwen2.5-VL, Gemma 3, ByT5); the Qwen tokenizer is a
+byte-level BPE over the 256 byte symbols with the special tokens and a minimal chat template of the real one, so
+the pipelines run their own prompt encoding (chat template, padding to ``max_sequence_length``, masks).
+
+:func:`register` adds the specs to ``TINY_PIPELINES`` (called once from ``tiny.py``, which passes its ``TinySpec``
+class, so this module does not import ``tiny`` back).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+VOCAB_SIZE = 1024
+
+QWEN_TEXT_LEN = 48
+"""``max_sequence_length`` of the tiny Qwen-tokenized prompts: the chat template adds ~20 byte tokens to a prompt."""
+
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def qwen_tokenizer(model_max_length: int = QWEN_TEXT_LEN):
+    """A Qwen2 byte-level BPE tokenizer (no merges) with Qwen's special tokens, pad token and a chat template."""
+    from tokenizers import pre_tokenizers
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", model_max_length=model_max_length)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in _QWEN_SPECIALS]})
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def _qwen3(causal_lm: bool, hidden_size: int = 32, layers: int = 3):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def _image_vae(latent_channels: int):
+    """A 2-level KL autoencoder (spatial factor 2), FLUX/SD3 style (shift factor, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=64, scaling_factor=1.5,
+                         shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def _flow_scheduler(**extra: Any):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    kwargs: dict[str, Any] = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                  base_image_seq_len=256, max_image_seq_len=4096)
+    kwargs.update(extra)
+    return FlowMatchEulerDiscreteScheduler(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- FLUX.2 Klein
+
+
+def _tiny_flux2():
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                             sample_size=64, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * 32,  # three stacked Qwen3 hidden states (text_encoder_out_layers)
+        timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    return Flux2KleinPipeline(scheduler=_flow_scheduler(), vae=vae, text_encoder=_qwen3(True),
+                              tokenizer=qwen_tokenizer(), transformer=transformer, is_distilled=False)
+
+
+# ----------------------------------------------------------------------------------------------- Z-Image
+
+
+def _tiny_z_image():
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=(4, 6, 6), axes_lens=(256, 64, 64),
+    )
+    return ZImagePipeline(scheduler=_flow_scheduler(shift=3.0, use_dynamic_shifting=False),
+                          vae=_image_vae(4), text_encoder=_qwen3(False),
+                          tokenizer=qwen_tokenizer(), transformer=transformer)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def specs(TinySpec: Callable[..., Any]) -> tuple[Any, ...]:  # noqa: N803 (the class tiny.py passes)
+    return (
+        TinySpec(
+            "tiny-flux2", "Flux2KleinPipeline", "flux2", _tiny_flux2,
+            extra={"max_sequence_length": QWEN_TEXT_LEN, "text_encoder_out_layers": (1, 2, 3),
+                   "guidance_scale": 4.0},
+            description="FLUX.2 Klein-like, 2 double + 2 single blocks, Qwen3, 16x16 image tokens",
+        ),
+        TinySpec(
+            "tiny-z-image", "ZImagePipeline", "z_image", _tiny_z_image,
+            extra={"max_sequence_length": QWEN_TEXT_LEN, "guidance_scale": 4.0},
+            description="Z-Image-like, 1+1 refiners + 2 single-stream layers, Qwen3, 16x16 image tokens",
+        ),
+    )
+
+
+def register(registry: dict[str, Any], spec_class: Callable[..., Any]) -> None:
+    """Add the tiny pipelines of the recent families to ``registry`` (``tiny.TINY_PIPELINES``, ``tiny.TinySpec``)."""
+    for spec in specs(spec_class):
+        registry.setdefault(spec.name, spec)
