@@ -104,6 +104,91 @@ def _tiny_z_image():
                           tokenizer=qwen_tokenizer(), transformer=transformer)
 
 
+# ----------------------------------------------------------------------------------------------- Qwen-Image
+
+
+def _qwen25_vl_config(hidden_size: int = 32, layers: int = 2):
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=256, eos_token_id=258, pad_token_id=256, rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB_SIZE - 1,
+                            video_token_id=VOCAB_SIZE - 2, vision_start_token_id=VOCAB_SIZE - 3)
+
+
+def _qwen_image_vae(z_dim: int = 4):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1,
+                                  temperal_downsample=[False], latents_mean=[0.0] * z_dim,
+                                  latents_std=[1.0] * z_dim).eval()
+
+
+def _drop_template_prefix(pipe: Any) -> Any:
+    """Set the pipeline's count of template tokens to drop to what the tiny byte tokenizer makes of the system
+    prefix (the real pipeline's 34 counts Qwen BPE tokens), so the prompt embeddings start at the prompt."""
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+    return pipe
+
+
+def _tiny_qwen_image():
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(_qwen25_vl_config()).eval()
+    pipe = QwenImagePipeline(scheduler=_flow_scheduler(), vae=_qwen_image_vae(), text_encoder=text_encoder,
+                             tokenizer=qwen_tokenizer(model_max_length=4096), transformer=transformer)
+    return _drop_template_prefix(pipe)
+
+
+# ----------------------------------------------------------------------------------------------- HunyuanVideo-1.5
+
+
+def _tiny_hunyuan_video15():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                      spatial_compression_ratio=2, temporal_compression_ratio=2).eval()
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=20, rope_axes_dim=(4, 6, 6),
+        target_size=32, task_type="t2v",
+    )
+    glyph_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=24, d_ff=48, d_kv=8, num_layers=1, num_heads=3,
+                                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                            decoder_start_token_id=0)).eval()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=Qwen2_5_VLTextModel(_qwen25_vl_config().text_config).eval(),
+        tokenizer=qwen_tokenizer(model_max_length=4096), transformer=transformer, vae=vae,
+        scheduler=_flow_scheduler(shift=7.0, use_dynamic_shifting=False), text_encoder_2=glyph_encoder,
+        tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    # The real pipeline pads prompts to 1000 Qwen tokens, glyph text to 256 and image tokens to 729; tiny sizes
+    # here (instance attributes the pipeline reads), and a short system message whose template tokens are cropped.
+    pipe.system_message = "Describe the video."
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = QWEN_TEXT_LEN, 8, 4
+    rendered = pipe.tokenizer.apply_chat_template(format_text_input(["\x00"], pipe.system_message),
+                                                  add_generation_prompt=True, tokenize=False)
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(rendered[0].split("\x00")[0]).input_ids)
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 
@@ -119,6 +204,16 @@ def specs(TinySpec: Callable[..., Any]) -> tuple[Any, ...]:  # noqa: N803 (the c
             "tiny-z-image", "ZImagePipeline", "z_image", _tiny_z_image,
             extra={"max_sequence_length": QWEN_TEXT_LEN, "guidance_scale": 4.0},
             description="Z-Image-like, 1+1 refiners + 2 single-stream layers, Qwen3, 16x16 image tokens",
+        ),
+        TinySpec(
+            "tiny-qwen-image", "QwenImagePipeline", "qwenimage", _tiny_qwen_image,
+            extra={"max_sequence_length": QWEN_TEXT_LEN, "true_cfg_scale": 4.0, "negative_prompt": " "},
+            description="Qwen-Image-like, 2 double-stream blocks, Qwen2.5-VL, 16x16 image tokens",
+        ),
+        TinySpec(
+            "tiny-hunyuan-video15", "HunyuanVideo15Pipeline", "hunyuan_video15", _tiny_hunyuan_video15,
+            height=16, width=24, frames=5,
+            description="HunyuanVideo-1.5-like, 2 blocks, Qwen2.5-VL + ByT5, 3x8x12 video tokens",
         ),
     )
 
