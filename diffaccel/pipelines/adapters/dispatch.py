@@ -18,7 +18,6 @@ dispatcher several times in one call (an IP-adapter branch) hands the adapter a 
 from __future__ import annotations
 
 import types
-import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -35,8 +34,6 @@ _STOCK_DISPATCH = _diffusers_dispatch.dispatch_attention_fn
 
 class Route:
     """One processor call's way to the method: what :func:`routed_dispatch` needs besides q, k, v."""
-
-    __slots__ = ("adapter", "attn", "call", "ctx", "method", "backend", "index")
 
     def __init__(self, adapter: "RoutedAdapter", attn: torch.nn.Module, call: AttentionCall, ctx: RunContext,
                  method: Callable[..., torch.Tensor], backend: Any) -> None:
@@ -103,47 +100,56 @@ def routed_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 class _StockView:
-    """The stock processor as its ``__call__`` sees it, with ``_attention_backend`` replaced by the call's route.
-    Every other attribute (``_parallel_config``, caches) reads and writes the stock processor itself."""
+    """The stock processor as its ``__call__`` sees it: ``_attention_backend`` is the call's route,
+    ``_parallel_config`` the stock processor's, any other attribute read from the stock processor. (Processors that
+    write state on ``self``, like FLUX.2's KV-cache ones, are not routed.) Plain attributes, so ``torch.compile``
+    traces it without a graph break."""
 
     def __init__(self, stock: Any, route: Route) -> None:
-        object.__setattr__(self, "_stock", stock)
-        object.__setattr__(self, "_attention_backend", route)
+        self._stock = stock
+        self._attention_backend = route
+        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_stock"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(object.__getattribute__(self, "_stock"), name, value)
+        return getattr(self.__dict__["_stock"], name)
 
 
-_ROUTED_FUNCTIONS: "weakref.WeakKeyDictionary[Callable, tuple[dict, Callable]]" = weakref.WeakKeyDictionary()
-"""Cache: stock ``__call__`` -> (its module globals as last copied, the routed copy). A cache of pure functions
-built from diffusers' code, never read by diffusers; dropped with the processor class."""
+_ROUTED_FUNCTIONS: dict[type, tuple[dict, Callable]] = {}
+"""Cache: stock processor class -> (the globals of its routed copy, the routed copy of its ``__call__``). Pure
+functions built from diffusers' code, never read by diffusers. A plain dict keyed by class, so a lookup under
+``torch.compile`` is a guarded constant, not a graph break."""
 
 
-def routed_function(fn: Callable) -> Callable:
-    """A copy of ``fn`` (a stock processor's ``__call__``) whose global ``dispatch_attention_fn`` is
+def prepare_routed(*classes: type) -> None:
+    """Build the routed copies of these processor classes' ``__call__`` now (the family modules do it on import),
+    so the first call never builds one while ``torch.compile`` traces it."""
+    for cls in classes:
+        routed_function(cls)
+
+
+def routed_function(cls: type) -> Callable:
+    """A copy of ``cls.__call__`` (a stock processor's) whose global ``dispatch_attention_fn`` is
     :func:`routed_dispatch`; every other global is the defining module's. The copy's globals are refreshed from
     the module when called outside ``torch.compile``, so a later change to the module (a patched helper) is seen."""
-    cached = _ROUTED_FUNCTIONS.get(fn)
+    cached = _ROUTED_FUNCTIONS.get(cls)
     if cached is None:
+        fn = cls.__call__
         if "dispatch_attention_fn" not in fn.__code__.co_names:
             raise UnsupportedModelError(
                 f"{fn.__qualname__} does not call dispatch_attention_fn, so its attention call cannot be routed; "
                 "this processor needs an explicit adapter"
             )
-        scope: dict[str, Any] = {}
+        scope: dict[str, Any] = dict(fn.__globals__, dispatch_attention_fn=routed_dispatch)
         routed = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         routed.__kwdefaults__ = fn.__kwdefaults__
         routed.__qualname__ = fn.__qualname__
         cached = (scope, routed)
-        _ROUTED_FUNCTIONS[fn] = cached
-    scope, routed = cached
-    if not torch.compiler.is_compiling():
-        scope.update(fn.__globals__)
+        _ROUTED_FUNCTIONS[cls] = cached
+    elif not torch.compiler.is_compiling():
+        scope = cached[0]
+        scope.update(cls.__call__.__globals__)
         scope["dispatch_attention_fn"] = routed_dispatch
-    return routed
+    return cached[1]
 
 
 class RoutedAdapter(Adapter):
@@ -182,7 +188,7 @@ class RoutedAdapter(Adapter):
             stock = default_cls()
         call = self.stock_call(attn, call, slots)
         route = Route(self, attn, call, ctx, method, getattr(stock, "_attention_backend", None))
-        routed = routed_function(type(stock).__call__)
+        routed = routed_function(type(stock))
         kwargs: dict[str, Any] = dict(call.extra)
         if call.encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = call.encoder_hidden_states

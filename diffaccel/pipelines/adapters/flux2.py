@@ -14,12 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
 from diffaccel.layout import Grid, TokenLayout
 from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, TensorMemo, register_adapter, register_family
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prepare_routed
 
 
 @register_adapter
@@ -91,3 +92,5 @@ register_family(
         "tokens first; reference-image calls dense)",
     )
 )
+
+prepare_routed(Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
@@ -26,7 +27,7 @@ from diffaccel.pipelines.adapters.base import (
     register_adapter,
     register_family,
 )
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prepare_routed
 from diffaccel.pipelines.adapters.flux2 import grid_from_ids
 
 IMAGE_MODE_BLOCKS = "mode_blocks.image."
@@ -75,3 +76,5 @@ register_family(
         text_only_modules=("txt_mode_blocks",),
     )
 )
+
+prepare_routed(Flux3AttnProcessor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
@@ -26,7 +27,7 @@ from diffaccel.pipelines.adapters.base import (
     register_adapter,
     register_family,
 )
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prefix_lengths
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prefix_lengths, prepare_routed
 
 
 @register_adapter
@@ -69,3 +70,5 @@ register_family(
         text_only_modules=("context_embedder",),
     )
 )
+
+prepare_routed(HunyuanVideo15AttnProcessor2_0)

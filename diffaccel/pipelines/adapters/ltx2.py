@@ -14,12 +14,13 @@ import math
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
 from diffaccel.layout import Grid, TokenLayout
 from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, register_adapter, register_family
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, prepare_routed
 from diffaccel.warn import warn_once
 
 VIDEO_SELF_ATTENTION = "attn1"
@@ -73,3 +74,5 @@ register_family(
         description="LTX-2 (video self-attention runs the method; audio and cross-modal attention dense)",
     )
 )
+
+prepare_routed(LTX2AudioVideoAttnProcessor)

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
 from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, register_adapter, register_family
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prefix_lengths
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prefix_lengths, prepare_routed
 
 
 @register_adapter
@@ -70,3 +71,5 @@ register_family(
         "masks; edit calls with reference images dense)",
     )
 )
+
+prepare_routed(QwenDoubleStreamAttnProcessor2_0)

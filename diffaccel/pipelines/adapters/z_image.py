@@ -16,11 +16,12 @@ import math
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
 from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, is_text_only, register_adapter, register_family
-from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, prepare_routed
 from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
 
 
@@ -70,3 +71,5 @@ register_family(
         text_only_modules=("context_refiner",),
     )
 )
+
+prepare_routed(ZSingleStreamAttnProcessor)
