@@ -128,12 +128,20 @@ def _qwen_image_vae(z_dim: int = 4):
                                   latents_std=[1.0] * z_dim).eval()
 
 
-def _drop_template_prefix(pipe: Any) -> Any:
-    """Set the pipeline's count of template tokens to drop to what the tiny byte tokenizer makes of the system
-    prefix (the real pipeline's 34 counts Qwen BPE tokens), so the prompt embeddings start at the prompt."""
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
-    return pipe
+def pin_prefix_tokens(tokenizer: Any, prefix: str, segment: str, count: int) -> None:
+    """Make ``prefix`` tokenize to exactly ``count`` tokens: the head of ``segment`` (a part of ``prefix``) becomes one
+    added token, its tail stays one byte token per character. The real pipelines crop a fixed number of template
+    tokens counted with the real BPE (Qwen-Image 34, HunyuanVideo-1.5 108); so the byte-level tiny tokenizer crops
+    exactly the template too, and the setting survives ``save_pretrained`` (it is the tokenizer's)."""
+    from transformers import AddedToken
+
+    tail = count - len(tokenizer(prefix.replace(segment, "")).input_ids) - 1
+    if not 0 <= tail < len(segment) or not segment.isascii():
+        raise ValueError(f"cannot make the {len(segment)}-character template segment {count - tail - 1} + {tail} tokens")
+    tokenizer.add_tokens([AddedToken(segment[: len(segment) - tail], normalized=False, special=False)])
+    got = len(tokenizer(prefix).input_ids)
+    if got != count:
+        raise ValueError(f"template prefix tokenizes to {got} tokens, expected {count}")
 
 
 def _tiny_qwen_image():
@@ -147,7 +155,10 @@ def _tiny_qwen_image():
     text_encoder = Qwen2_5_VLForConditionalGeneration(_qwen25_vl_config()).eval()
     pipe = QwenImagePipeline(scheduler=_flow_scheduler(), vae=_qwen_image_vae(), text_encoder=text_encoder,
                              tokenizer=qwen_tokenizer(model_max_length=4096), transformer=transformer)
-    return _drop_template_prefix(pipe)
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    system = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0]
+    pin_prefix_tokens(pipe.tokenizer, prefix, system, pipe.prompt_template_encode_start_idx)
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------- HunyuanVideo-1.5
@@ -179,13 +190,13 @@ def _tiny_hunyuan_video15():
         scheduler=_flow_scheduler(shift=7.0, use_dynamic_shifting=False), text_encoder_2=glyph_encoder,
         tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
-    # The real pipeline pads prompts to 1000 Qwen tokens, glyph text to 256 and image tokens to 729; tiny sizes
-    # here (instance attributes the pipeline reads), and a short system message whose template tokens are cropped.
-    pipe.system_message = "Describe the video."
-    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = QWEN_TEXT_LEN, 8, 4
+    # The real pipeline pads prompts to 1000 Qwen tokens (plus 256 glyph and 729 image tokens) and crops the
+    # system template's first 108: the tiny tokenizer crops exactly the template too (pin_prefix_tokens).
     rendered = pipe.tokenizer.apply_chat_template(format_text_input(["\x00"], pipe.system_message),
-                                                  add_generation_prompt=True, tokenize=False)
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(rendered[0].split("\x00")[0]).input_ids)
+                                                  add_generation_prompt=True, tokenize=False)[0]
+    prefix = rendered.split("\x00")[0]
+    system = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0]  # the system turn as the template renders it
+    pin_prefix_tokens(pipe.tokenizer, prefix, system, pipe.prompt_template_encode_start_idx)
     return pipe
 
 
@@ -212,8 +223,8 @@ def specs(TinySpec: Callable[..., Any]) -> tuple[Any, ...]:  # noqa: N803 (the c
         ),
         TinySpec(
             "tiny-hunyuan-video15", "HunyuanVideo15Pipeline", "hunyuan_video15", _tiny_hunyuan_video15,
-            height=16, width=24, frames=5,
-            description="HunyuanVideo-1.5-like, 2 blocks, Qwen2.5-VL + ByT5, 3x8x12 video tokens",
+            height=16, width=24, frames=5, steps=1,  # one step: the stock prompt lengths make ~2000 text tokens
+            description="HunyuanVideo-1.5-like, 2 blocks, Qwen2.5-VL + ByT5, 3x8x12 video tokens (1 step)",
         ),
     )
 
