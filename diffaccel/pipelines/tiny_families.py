@@ -116,8 +116,10 @@ def _qwen25_vl_config(hidden_size: int = 32, layers: int = 2):
                     "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB_SIZE - 1,
-                            video_token_id=VOCAB_SIZE - 2, vision_start_token_id=VOCAB_SIZE - 3)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB_SIZE - 1,
+                              video_token_id=VOCAB_SIZE - 2, vision_start_token_id=VOCAB_SIZE - 3)
+    config.vocab_size = VOCAB_SIZE  # the composite config names it only in text_config; readers expect it on top
+    return config
 
 
 def _qwen_image_vae(z_dim: int = 4):

@@ -26,7 +26,7 @@ from diffusers.models import attention_dispatch as _diffusers_dispatch
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError, UnsupportedModelError
 from diffaccel.layout import TokenLayout
-from diffaccel.pipelines.adapters.base import Adapter, AttentionCall, TensorMemo
+from diffaccel.pipelines.adapters.base import Adapter, AttentionCall, TensorMemo, stock_processor_name
 from diffaccel.warn import warn_once
 
 _STOCK_DISPATCH = _diffusers_dispatch.dispatch_attention_fn
@@ -125,6 +125,11 @@ def prepare_routed(*classes: type) -> None:
     so the first call never builds one while ``torch.compile`` traces it."""
     for cls in classes:
         routed_function(cls)
+        _PREPARED_BY_NAME[cls.__name__] = cls
+
+
+_PREPARED_BY_NAME: dict[str, type] = {}
+"""Prepared stock processor classes by name, for a bare ``set_attn_processor`` on a generic ``Attention``."""
 
 
 def routed_function(cls: type) -> Callable:
@@ -180,7 +185,8 @@ class RoutedAdapter(Adapter):
         """The stock processor's ``__call__`` on the call's own arguments, its attention computed by ``method``."""
         stock = attn.__dict__.get("_diffaccel_stock_processor")
         if stock is None:  # a bare set_attn_processor: the module's default processor is the stock one
-            default_cls = getattr(attn, "_default_processor_cls", None)
+            default_cls = getattr(attn, "_default_processor_cls", None) or _PREPARED_BY_NAME.get(
+                stock_processor_name(attn, call))
             if default_cls is None:
                 raise UnsupportedModelError(
                     f"cannot tell which processor {type(attn).__name__} normally runs; use diffaccel.apply"

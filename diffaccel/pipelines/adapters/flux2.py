@@ -11,6 +11,7 @@ Black Forest Labs, FLUX.2 (2025), https://bfl.ai/blog/flux-2.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,13 +32,19 @@ class Flux2Adapter(RoutedAdapter):
     stock_processors = ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")
     positional_calls = {"Flux2ParallelSelfAttention": ("attention_mask", "image_rotary_emb")}
 
+    def __init__(self) -> None:
+        self._joint_text_len: weakref.WeakKeyDictionary[RunContext, int] = weakref.WeakKeyDictionary()
+
     def layout(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, query: torch.Tensor,
                key: torch.Tensor, attn_mask: torch.Tensor | None, index: int) -> tuple[TokenLayout, Any]:
         num_tokens = query.shape[1]
         if call.encoder_hidden_states is not None:
             num_text = int(call.encoder_hidden_states.shape[1])
+            self._joint_text_len[ctx] = num_text
         elif ctx.text_len is not None:
             num_text = int(ctx.text_len)
+        elif ctx in self._joint_text_len:  # no hook (bare set_attn_processor): the last double-stream call's
+            num_text = self._joint_text_len[ctx]
         else:
             raise LayoutError(
                 f"cannot tell how many of the {num_tokens} tokens of a FLUX.2 single-stream attention call are text; "

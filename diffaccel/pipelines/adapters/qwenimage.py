@@ -18,7 +18,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
-from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, register_adapter, register_family
+from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, register_processor_inference, register_adapter, register_family
 from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prefix_lengths, prepare_routed
 
 
@@ -71,5 +71,12 @@ register_family(
         "masks; edit calls with reference images dense)",
     )
 )
+
+@register_processor_inference(priority=5)
+def _infer_qwen(attn: torch.nn.Module, call: AttentionCall | None) -> str | None:
+    """Qwen-Image's blocks run the generic ``Attention``; only its processor takes the prompt mask keyword."""
+    if call is not None and "encoder_hidden_states_mask" in call.extra:
+        return "QwenDoubleStreamAttnProcessor2_0"
+    return None
 
 prepare_routed(QwenDoubleStreamAttnProcessor2_0)

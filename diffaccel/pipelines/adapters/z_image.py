@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnP
 
 from diffaccel.context import RunContext
 from diffaccel.layout import Grid, TokenLayout
-from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, is_text_only, register_adapter, register_family
+from diffaccel.pipelines.adapters.base import AttentionCall, ModelFamily, register_processor_inference, is_text_only, register_adapter, register_family
 from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, prepare_routed
 from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
 
@@ -71,5 +71,12 @@ register_family(
         text_only_modules=("context_refiner",),
     )
 )
+
+@register_processor_inference(priority=5)
+def _infer_z_image(attn: torch.nn.Module, call: AttentionCall | None) -> str | None:
+    """Z-Image's layers run the generic ``Attention``; only its processor takes ``freqs_cis``."""
+    if call is not None and "freqs_cis" in call.extra:
+        return "ZSingleStreamAttnProcessor"
+    return None
 
 prepare_routed(ZSingleStreamAttnProcessor)
