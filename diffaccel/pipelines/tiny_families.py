@@ -190,7 +190,7 @@ def _tiny_hunyuan_video15():
         text_encoder=Qwen2_5_VLTextModel(_qwen25_vl_config().text_config).eval(),
         tokenizer=qwen_tokenizer(model_max_length=4096), transformer=transformer, vae=vae,
         scheduler=_flow_scheduler(shift=7.0, use_dynamic_shifting=False), text_encoder_2=glyph_encoder,
-        tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0),
+        tokenizer_2=ByT5Tokenizer(model_max_length=256), guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
     # The real pipeline pads prompts to 1000 Qwen tokens (plus 256 glyph and 729 image tokens) and crops the
     # system template's first 108: the tiny tokenizer crops exactly the template too (pin_prefix_tokens).
