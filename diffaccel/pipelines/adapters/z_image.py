@@ -1,7 +1,9 @@
 """Z-Image (``ZImageTransformer2DModel``): routed through the stock processor.
 
-``ZSingleStreamAttnProcessor`` runs three kinds of calls: the noise refiner (image tokens), the context refiner
-(caption tokens only: dense) and the main layers over the unified sequence ``[image, caption]``. The model pads the
+``ZSingleStreamAttnProcessor`` runs three kinds of calls: the noise refiner (image tokens only, 2 of the real
+model's 34 layers), the context refiner (caption tokens only) and the main layers over the unified sequence
+``[image, caption]``. The method runs on the main layers; both refiners stay dense (one token geometry for every
+layer, which calibrated methods such as PARO need). The model pads the
 image tokens and the caption each to a multiple of 32 with learned pad tokens that stay attended; in the layout the
 grid covers the image tokens and the image pads plus the caption form the suffix of global (text) tokens. A batch
 whose samples have different caption lengths gets a trailing key mask, which becomes the valid text lengths.
@@ -25,6 +27,10 @@ from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, p
 from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
 
 
+DENSE_REFINERS = ("noise_refiner.", "context_refiner.", "siglip_refiner.")
+"""Module-name prefixes of Z-Image's refiner layers, which stay dense."""
+
+
 @register_adapter
 class ZImageAdapter(RoutedAdapter):
     family = "z_image"
@@ -33,7 +39,8 @@ class ZImageAdapter(RoutedAdapter):
     def layout(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, query: torch.Tensor,
                key: torch.Tensor, attn_mask: torch.Tensor | None, index: int) -> tuple[TokenLayout, Any]:
         num_tokens = query.shape[1]
-        if is_text_only(attn) or ctx.grid is None or math.prod(ctx.grid) > num_tokens:
+        refiner = (ctx.layer or "").startswith(DENSE_REFINERS)
+        if refiner or is_text_only(attn) or ctx.grid is None or math.prod(ctx.grid) > num_tokens:
             return TokenLayout(num_tokens=num_tokens, grid=None), attn_mask
         num_visual = math.prod(ctx.grid)
         num_text = num_tokens - num_visual
