@@ -97,9 +97,11 @@ def _ltx2():
                                     attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
                                     audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
                                     audio_cross_attention_dim=8, num_layers=1, caption_channels=16)
-    kw = dict(hidden_states=torch.randn(B, F_ * HV * WV, 8), audio_hidden_states=torch.randn(B, 6, 4),
+    # as many audio as video tokens, so only the module (not the token count) tells audio from video attention
+    audio = F_ * HV * WV
+    kw = dict(hidden_states=torch.randn(B, F_ * HV * WV, 8), audio_hidden_states=torch.randn(B, audio, 4),
               encoder_hidden_states=torch.randn(B, T, 16), audio_encoder_hidden_states=torch.randn(B, T, 16),
-              timestep=torch.tensor([500.0, 500.0]), num_frames=F_, height=HV, width=WV, audio_num_frames=6)
+              timestep=torch.tensor([500.0, 500.0]), num_frames=F_, height=HV, width=WV, audio_num_frames=audio)
     return m, kw
 
 
@@ -200,7 +202,8 @@ def test_flux2_layouts(built):
 def test_flux2_reference_image_tokens_run_dense(built):
     from diffaccel.pipelines.adapters.flux2 import grid_from_ids
 
-    ids = torch.cat([_ids4(1, H, W, 1), _ids4(1, H, W, 1) + torch.tensor([10, 0, 0, 0])])  # target + reference
+    # target + a reference image placed below it (FLUX.2 offsets reference ids in t; rows alone would tile a grid)
+    ids = torch.cat([_ids4(1, H, W, 1), _ids4(1, H, W, 1) + torch.tensor([10, H, 0, 0])])
     assert grid_from_ids(ids, 2 * H * W, row_axis=1, col_axis=2, time_axis=0, model="FLUX.2") is None
     assert grid_from_ids(_ids4(1, H, W, 1), H * W, row_axis=1, col_axis=2, time_axis=0, model="FLUX.2") == (H, W)
     column_major = _ids4(1, W, H, 1)[:, [0, 2, 1, 3]]
