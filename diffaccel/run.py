@@ -325,7 +325,7 @@ def run_pipeline(pipe: Any, prompt: str, kwargs: dict[str, Any], seed: int, labe
     try:
         synchronize(device)
         start = time.perf_counter()
-        result = pipe(prompt, generator=generator, output_type="pt", **kwargs)
+        result = pipe(prompt=prompt, generator=generator, output_type="pt", **kwargs)
         synchronize(device)
         total = time.perf_counter() - start
     finally:

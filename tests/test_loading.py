@@ -12,7 +12,7 @@ from diffaccel.pipelines.tiny import TINY_PIPELINES, tiny_spec
 
 def run(pipe, name: str) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a boat", generator=torch.Generator().manual_seed(5), output_type="pt", **tiny_spec(name).call_kwargs())
+    out = pipe(prompt="a boat", generator=torch.Generator().manual_seed(5), output_type="pt", **tiny_spec(name).call_kwargs())
     return out.frames if hasattr(out, "frames") else out.images
 
 

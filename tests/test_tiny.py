@@ -20,7 +20,7 @@ PROMPT = "a small red house by a lake"
 
 
 def run(pipe, name: str, seed: int = 0) -> torch.Tensor:
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="pt", **tiny_spec(name).call_kwargs())
+    out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(seed), output_type="pt", **tiny_spec(name).call_kwargs())
     return out.frames if hasattr(out, "frames") else out.images
 
 

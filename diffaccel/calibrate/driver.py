@@ -75,7 +75,7 @@ def _call(pipe: Any, prompt: str, kwargs: dict[str, Any], seed: int, on_step: An
             on_step()
             return callback_kwargs
         extra["callback_on_step_end"] = callback
-    pipe(prompt, generator=generator, output_type="pt", **kwargs, **extra)
+    pipe(prompt=prompt, generator=generator, output_type="pt", **kwargs, **extra)
 
 
 def calibrate_pipeline(

@@ -86,8 +86,18 @@ class DiffAccelAttnProcessor:
         image_rotary_emb: Any = None,
         rotary_emb: Any = None,
         temb: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+        query_rotary_emb: Any = None,
+        key_rotary_emb: Any = None,
         **kwargs: Any,
     ) -> Any:
+        # diffusers passes a processor only the keywords its signature names (Qwen-Image's prompt mask, Z-Image's
+        # RoPE, LTX-2's query/key RoPE): named here, they reach the routed stock processor through `extra`
+        for name, value in (("encoder_hidden_states_mask", encoder_hidden_states_mask), ("freqs_cis", freqs_cis),
+                            ("query_rotary_emb", query_rotary_emb), ("key_rotary_emb", key_rotary_emb)):
+            if value is not None:
+                kwargs[name] = value
         call = AttentionCall(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
@@ -100,29 +110,44 @@ class DiffAccelAttnProcessor:
         ctx = self.context
         compiling = compile_ops.compiling()
         parallel = parallel_config(self, None if compiling else ctx)  # no guard on run state while tracing
-        if compiling:
+        if compiling and parallel is not None:
+            raise ConfigError(
+                f"method {self.method.name!r}: diffaccel does not run under torch.compile with context "
+                "parallelism yet (its all-to-all runs outside the compiled graph); compile without "
+                "enable_parallelism, or run context parallelism eagerly"
+            )
+        # traced: the method runs inside one opaque op, found by graph values (no per-layer guards)
+        attend = self._traced_attend(attn) if compiling else self.method
+        if not compiling:
+            ctx.layer = layer_name(attn)
+        if getattr(adapter, "runs_stock", False):  # the stock processor runs, its attention call routed (dispatch.py)
             if parallel is not None:
                 raise ConfigError(
-                    f"method {self.method.name!r}: diffaccel does not run under torch.compile with context "
-                    "parallelism yet (its all-to-all runs outside the compiled graph); compile without "
-                    "enable_parallelism, or run context parallelism eagerly"
+                    f"method {self.method.name!r} under context parallelism: the {adapter.family} family is not "
+                    "supported yet (supported: the families in diffaccel.pipelines.parallel.SUPPORTED_FAMILIES)"
                 )
-            # traced: the method runs inside one opaque op, found by graph values (no per-layer guards)
-            projected = adapter.project(attn, call, ctx)
-            out = torch.ops.diffaccel.attend(
-                projected.q, projected.k, projected.v, projected.attn_mask, compile_ops.get_layer_token(attn),
-                self._op_key, compile_ops.encode_layout(projected.layout), projected.scale,
-            )
-            return adapter.finish(attn, out, projected)
-        ctx.layer = layer_name(attn)
+            slots = (encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb)
+            return adapter.run_stock(attn, call, ctx, attend, slots=slots)
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)
-        out = self.method(
+        out = attend(
             projected.q, projected.k, projected.v, projected.layout, ctx,
             attn_mask=projected.attn_mask, scale=projected.scale,
         )
         return adapter.finish(attn, out, projected)
+
+    def _traced_attend(self, attn: torch.nn.Module):
+        """The method as one opaque ``diffaccel::attend`` op for a traced call: the layer travels as a name tensor,
+        the layout as a string of ints, so nothing of the method's Python state becomes a guard."""
+        token = compile_ops.get_layer_token(attn)
+
+        def attend(q, k, v, layout, ctx, *, attn_mask=None, scale=None):
+            return torch.ops.diffaccel.attend(
+                q, k, v, attn_mask, token, self._op_key, compile_ops.encode_layout(layout), scale,
+            )
+
+        return attend
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.method!r})"

@@ -614,3 +614,7 @@ def build_tiny(name: str, *, seed: int = 0) -> Any:
             sharpen_attention(denoiser)
     pipe.set_progress_bar_config(disable=None)  # tqdm's auto mode: a bar on terminals, none in logs
     return pipe
+
+from diffaccel.pipelines import tiny_families as _tiny_families  # noqa: E402  (the recent families' tiny pipelines)
+
+_tiny_families.register(TINY_PIPELINES, TinySpec)

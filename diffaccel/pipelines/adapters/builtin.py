@@ -2,3 +2,4 @@
 `diffaccel.kernels`) does not import diffusers."""
 
 from diffaccel.pipelines.adapters import cogvideox, flux, hunyuan_video, ltx, sd3, unet, wan  # noqa: F401
+from diffaccel.pipelines.adapters import flux2, flux3, hunyuan_video15, ltx2, qwenimage, z_image  # noqa: F401,E402
