@@ -22,6 +22,7 @@ class DenseMethod(MethodBase):
 
     name = "dense"
     config_class = DenseConfig
+    needs_grid = False
 
     def __call__(
         self,

@@ -19,7 +19,8 @@ from diffaccel.pipelines.adapters.base import (
     mark_text_only,
     stock_processor_name,
 )
-from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+from diffaccel.pipelines import swaps
+from diffaccel.pipelines.processor import INSTALLED_PROCESSOR, DiffAccelAttnProcessor
 
 DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 """Pipeline attributes that hold denoisers (Wan 2.2 has two transformers)."""
@@ -33,6 +34,8 @@ class Installation:
     stock: dict[str, Any]
     hook: Any
     extra_hooks: list[Any] = field(default_factory=list)
+    left: dict[str, Any] = field(default_factory=dict)
+    """Modules ``apply`` left on their current processor (IP-adapter processors, which hold weights), by name."""
 
 
 def denoisers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
@@ -57,7 +60,13 @@ def attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProcessor = "dense", **config: Any) -> DiffAccelAttnProcessor:
+def apply(
+    pipe_or_model: Any,
+    method: AttentionMethod | str | DiffAccelAttnProcessor = "dense",
+    *,
+    strict: bool = False,
+    **config: Any,
+) -> DiffAccelAttnProcessor:
     """Replace the attention of a pipeline's denoisers (or of one model) with ``method``.
 
     Records the stock processors (so :func:`remove` restores them and adapters know the exact model code to
@@ -67,7 +76,14 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
     Args:
         pipe_or_model: a diffusers pipeline, or a transformer / UNet model.
         method: a registered method name, a method instance, or a :class:`DiffAccelAttnProcessor`.
+        strict: a call whose token grid cannot be derived (FLUX ``img_ids`` that are not one row-major grid, ...)
+            raises :class:`~diffaccel.errors.LayoutError` when the method needs the grid; by default it runs dense,
+            exactly as stock, with one warning per layer. ``dense`` never needs the grid.
         **config: the method's parameters when ``method`` is a name.
+
+    Processors replaced after ``apply`` are never dropped silently (:mod:`diffaccel.pipelines.swaps`): fused
+    projections are taken over, anything else is named in one warning. Modules running an IP-adapter processor
+    (which holds the IP weights) are left on it, named in one warning; IP cross-attention is dense anyway.
 
     Returns:
         The processor installed on every attention module.
@@ -82,8 +98,10 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         if config:
             raise TypeError("config keywords cannot be combined with a processor instance")
         processor = method
+        if strict:
+            processor.strict = True
     else:
-        processor = DiffAccelAttnProcessor(method, **config)
+        processor = DiffAccelAttnProcessor(method, strict=strict, **config)
     remove(pipe_or_model)
     ctx = processor.context
     scheduler = getattr(pipe_or_model, "scheduler", None)
@@ -96,6 +114,8 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         for prefix in family.text_only_modules:
             mark_text_only(model.get_submodule(prefix))
         modules = attention_modules(model)
+        left = swaps.processors_to_leave(modules)
+        modules = {name: module for name, module in modules.items() if name not in left}
         stock = {}
         for name, module in modules.items():
             current = module.processor
@@ -111,8 +131,12 @@ def apply(pipe_or_model: Any, method: AttentionMethod | str | DiffAccelAttnProce
         model_setup.setup_model(processor.method, model)  # e.g. CLEAR's distilled projections
         for module in modules.values():
             module.set_processor(processor)
+            module.__dict__[INSTALLED_PROCESSOR] = processor
+        swaps.announce_left(model, left, processor)
         hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
-        model.__dict__["_diffaccel_installation"] = Installation(processor=processor, stock=stock, hook=hook)
+        model.__dict__["_diffaccel_installation"] = Installation(
+            processor=processor, stock=stock, hook=hook, left=left
+        )
     return processor
 
 
@@ -127,8 +151,9 @@ def remove(pipe_or_model: Any) -> None:
             module = modules.get(name)
             if module is None:
                 continue
-            module.set_processor(processor)
-            for key in ("_diffaccel_stock_processor", "_diffaccel_adapter"):
+            if module.processor is inst.processor or swaps.is_rebuilt(module.processor):
+                module.set_processor(processor)  # a processor someone else installed since stays theirs
+            for key in ("_diffaccel_stock_processor", "_diffaccel_adapter", INSTALLED_PROCESSOR):
                 module.__dict__.pop(key, None)
         inst.hook.remove()
         for h in inst.extra_hooks:
@@ -178,6 +203,9 @@ def _context_hook(model: torch.nn.Module, ctx: RunContext) -> Callable:
     family = family_of(model)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inst = module.__dict__.get("_diffaccel_installation")
+        if inst is not None and not torch.compiler.is_compiling():
+            swaps.check_processors(module, inst)
         bound = bind_forward_args(module, args, kwargs)
         grid, text_len = family.read_inputs(module, bound)
         # the timestep is read (a host sync) only when the scheduler does not count the steps itself

@@ -11,9 +11,13 @@ from typing import Any
 import torch
 
 from diffaccel.context import RunContext
+from diffaccel.errors import LayoutError
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
 from diffaccel.warn import warn_once
+
+INSTALLED_PROCESSOR = "_diffaccel_processor"
+"""Module ``__dict__`` key of the processor :func:`diffaccel.apply` installed (read by rebuilt processors)."""
 
 
 def resolve_method(method: AttentionMethod | str, config: dict[str, Any]) -> AttentionMethod:
@@ -39,14 +43,49 @@ class DiffAccelAttnProcessor:
         diffaccel.apply(pipe, "dense")   # also records the latent grid and the step for methods that need them
 
     Args:
-        method: a registered method name or an :class:`~diffaccel.methods.base.AttentionMethod` instance.
+        method: a registered method name or an :class:`~diffaccel.methods.base.AttentionMethod` instance. Omitted
+            (``DiffAccelAttnProcessor()``, as diffusers rebuilds processors with ``processor.__class__()`` in
+            ``load_ip_adapter`` and elsewhere): on a module :func:`diffaccel.apply` set up, the call runs the
+            processor ``apply`` installed (its method, context and per-layer state); elsewhere dense.
         context: the run context the pipeline hook fills; a fresh one (no grid, step 0) when omitted.
+        strict: raise :class:`~diffaccel.errors.LayoutError` on a call whose token grid cannot be derived, when
+            the method needs one; by default such a call runs dense (one warning per layer).
         **config: the method's configuration fields when ``method`` is a name.
     """
 
-    def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
-        self.method = resolve_method(method, config)
+    def __init__(
+        self,
+        method: AttentionMethod | str | None = None,
+        *,
+        context: RunContext | None = None,
+        strict: bool = False,
+        **config: Any,
+    ):
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
+        self.rebuilt = method is None and context is None and not config and not strict
+        """Built without arguments: defers to the processor :func:`diffaccel.apply` installed on the module."""
+        self.method = resolve_method("dense" if method is None else method, config)
         self.context = context if context is not None else RunContext()
+        self.strict = strict
+
+    @property
+    def _attention_backend(self) -> Any:
+        """diffusers' ``set_attention_backend`` sets this on every processor that has it. diffaccel's method computes
+        attention itself, so a backend set here has no effect: setting one says so once (never silently)."""
+        return self.__dict__.get("_diffusers_backend")
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.__dict__["_diffusers_backend"] = backend
+        if backend is not None:
+            name = getattr(backend, "value", backend)
+            warn_once(
+                f"attention-backend:{name}:{self.method.name}",
+                f"diffaccel: set_attention_backend({name!r}) has no effect on diffaccel's processors: method "
+                f"{self.method.name!r} computes attention itself (dense: PyTorch SDPA). diffaccel.remove(model) "
+                "restores the stock processors, which use the backend.",
+            )
 
     def __call__(
         self,
@@ -67,10 +106,30 @@ class DiffAccelAttnProcessor:
             temb=temb,
             extra=kwargs,
         )
+        if self.rebuilt:
+            installed = attn.__dict__.get(INSTALLED_PROCESSOR)
+            if installed is not None and installed is not self:
+                warn_once(
+                    f"rebuilt-processor:{installed.method.name}",
+                    "diffaccel: a DiffAccelAttnProcessor() built without a method (as diffusers rebuilds processors "
+                    "with processor.__class__(), e.g. in load_ip_adapter) runs the processor diffaccel.apply "
+                    f"installed on the module, method {installed.method.name!r}; pass a method name, e.g. "
+                    "DiffAccelAttnProcessor('dense'), for another one.",
+                )
+                return installed(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb,
+                    **kwargs,
+                )
         adapter = adapter_for(attn, call)
         ctx = self.context
         ctx.layer = layer_name(attn)
         projected = adapter.project(attn, call, ctx)
+        layout = projected.layout
+        if layout.grid_unknown and self.strict and getattr(self.method, "needs_grid", True):
+            raise LayoutError(
+                f"{ctx.layer}: method {self.method.name!r} needs the token grid, which is unknown for this call "
+                f"({layout.unknown}); strict=True refuses the call (without strict it runs dense, as stock)"
+            )
         out = self.method(
             projected.q, projected.k, projected.v, projected.layout, ctx,
             attn_mask=projected.attn_mask, scale=projected.scale,

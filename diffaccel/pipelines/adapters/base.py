@@ -202,12 +202,30 @@ def resolve_level(
         raise LayoutError(
             f"the call has {num_visual} visual tokens but the latent grid {ctx.grid} holds {math.prod(ctx.grid)}"
         )
+    if ctx.denoiser_calls > 0:  # the hook ran but the denoiser's inputs gave no grid: never guess one
+        raise LayoutError(
+            f"the denoiser's inputs of this call give no visual grid for its {num_visual} visual tokens (for "
+            "example FLUX img_ids that are not one row-major image grid, as with Kontext reference latents)"
+        )
     if video:
         raise LayoutError(
             "the video grid (frames, height, width) cannot be inferred from a token count; install the processor "
             "with diffaccel.apply(pipe, method), which reads it from the latent shape"
         )
     return square_grid(num_visual), 1
+
+
+def grid_or_unknown(
+    ctx: RunContext, num_visual: int, *, allow_downsample: bool = False, video: bool = False
+) -> tuple[Grid | None, int, str | None]:
+    """:func:`resolve_level` that never refuses a call: ``(grid, factor, None)``, or ``(None, 1, reason)`` when the
+    grid cannot be derived. Adapters put the reason in :attr:`TokenLayout.unknown`, so dense attention still runs
+    exactly as the stock processor would, and methods that need a grid fall back (or raise in strict mode)."""
+    try:
+        grid, factor = resolve_level(ctx, num_visual, allow_downsample=allow_downsample, video=video)
+    except LayoutError as exc:
+        return None, 1, str(exc)
+    return grid, factor, None
 
 
 def patchified_video_grid(

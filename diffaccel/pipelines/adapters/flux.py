@@ -28,8 +28,8 @@ from diffaccel.pipelines.adapters.base import (
     TensorMemo,
     merge_heads,
     register_adapter,
+    grid_or_unknown,
     register_family,
-    resolve_grid,
 )
 
 @dataclass(frozen=True)
@@ -99,10 +99,14 @@ class FluxAttentionAdapter(Adapter):
             num_text = encoder_hidden_states.shape[1]
             self._joint_text_len[ctx] = num_text
         else:
-            num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
-        layout = TokenLayout(
-            num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens - num_text), text=slice(0, num_text)
-        )
+            num_text = None
+            try:
+                num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
+            except LayoutError as exc:  # dense needs no text length: the call runs, methods needing one fall back
+                layout = TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc))
+        if num_text is not None:
+            grid, _, unknown = grid_or_unknown(ctx, num_tokens - num_text)
+            layout = TokenLayout(num_tokens=num_tokens, grid=grid, text=slice(0, num_text), unknown=unknown)
 
         attn_mask = call.attention_mask
         # diffusers' native attention backend widens a (batch, keys) mask to (batch, 1, 1, keys).
@@ -178,12 +182,25 @@ _GRIDS = TensorMemo()
 only the first denoiser call of a run reads them (``torch.unique``/``torch.equal`` synchronise with the device)."""
 
 
-def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int], int | None]:
+def _flux_grid_or_none(img_ids: torch.Tensor, num_visual: int) -> tuple[int, int] | None:
+    """:func:`flux_grid`, or ``None`` when the ids are not one row-major grid (the call's grid is then unknown)."""
+    try:
+        return flux_grid(img_ids, num_visual)
+    except LayoutError:
+        return None
+
+
+def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int] | None, int | None]:
+    """Grid from ``img_ids`` when they form one row-major grid, else ``None``: the stock model runs any ids (tests
+    pass random ones, Kontext appends reference latents), so an unreadable grid never refuses the forward; the
+    adapters mark the layout unknown and methods that need a grid fall back to dense (or raise when strict)."""
     img_ids = args.get("img_ids")
-    if img_ids is None:
-        raise LayoutError("the FLUX transformer was called without img_ids; they give the latent grid")
-    num_visual = int(args["hidden_states"].shape[1])
-    grid = _GRIDS.get(img_ids, lambda ids: flux_grid(ids, num_visual))
+    hidden_states = args.get("hidden_states")
+    if img_ids is None or hidden_states is None or hidden_states.ndim != 3:
+        grid = None
+    else:
+        num_visual = int(hidden_states.shape[1])
+        grid = _GRIDS.get(img_ids, lambda ids: _flux_grid_or_none(ids, num_visual))
     encoder_hidden_states = args.get("encoder_hidden_states")
     text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
     return grid, text_len
