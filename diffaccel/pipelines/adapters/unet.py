@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffaccel.context import RunContext
+from diffaccel.errors import LayoutError
 from diffaccel.layout import TokenLayout
 from diffaccel.pipelines.adapters.base import (
     Adapter,
@@ -148,11 +149,15 @@ class UNetAttentionAdapter(Adapter):
             # a text-only self-attention (HunyuanVideo's token refiner): no visual grid, so methods keep it dense
             layout = TokenLayout(num_tokens=num_tokens, grid=None, text=slice(0, num_tokens))
         else:
-            grid, factor = self._level(ctx, num_tokens, shape4d)
-            layout = TokenLayout(
-                num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True),
-                finest_downsample=self._finest_factor(ctx, factor),
-            )
+            try:
+                grid, factor = self._level(ctx, num_tokens, shape4d)
+            except LayoutError as exc:  # stock runs any token count: dense runs, grid methods fall back
+                layout = TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc))
+            else:
+                layout = TokenLayout(
+                    num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True),
+                    finest_downsample=self._finest_factor(ctx, factor),
+                )
         return Projected(
             query, key, value, layout, attn_mask=attention_mask,
             carry=UNetCarry(residual=residual, shape4d=shape4d, dtype=query.dtype),
