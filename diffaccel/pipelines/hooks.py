@@ -132,6 +132,15 @@ def apply(
         for module in modules.values():
             module.set_processor(processor)
             module.__dict__[INSTALLED_PROCESSOR] = processor
+        for name in list(left):  # weight-holding processors with a wrapper keep their weights and run the method
+            module = model.get_submodule(name)
+            module.__dict__["_diffaccel_name"] = name
+            mark_hierarchical(module, family.hierarchical)
+            original = swaps.wrap_weighted(module, processor)
+            if original is not None:
+                stock[name] = original
+                module.__dict__[INSTALLED_PROCESSOR] = processor
+                del left[name]
         swaps.announce_left(model, left, processor)
         hook = model.register_forward_pre_hook(_context_hook(model, ctx), with_kwargs=True)
         model.__dict__["_diffaccel_installation"] = Installation(
@@ -151,7 +160,7 @@ def remove(pipe_or_model: Any) -> None:
             module = modules.get(name)
             if module is None:
                 continue
-            if module.processor is inst.processor or swaps.is_rebuilt(module.processor):
+            if swaps.runs(module.processor, inst.processor):
                 module.set_processor(processor)  # a processor someone else installed since stays theirs
             for key in ("_diffaccel_stock_processor", "_diffaccel_adapter", INSTALLED_PROCESSOR):
                 module.__dict__.pop(key, None)

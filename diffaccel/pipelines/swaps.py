@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from diffaccel.pipelines.adapters.base import supported_processors
+from diffaccel.pipelines.adapters.base import processor_wrapper, supported_processors
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
 from diffaccel.warn import warn_once
 
@@ -32,6 +32,24 @@ from diffaccel.warn import warn_once
 def is_rebuilt(processor: Any) -> bool:
     """A ``DiffAccelAttnProcessor()`` built without arguments (it defers to the installed processor)."""
     return isinstance(processor, DiffAccelAttnProcessor) and processor.rebuilt
+
+
+def runs(current: Any, processor: DiffAccelAttnProcessor) -> bool:
+    """``current`` runs ``processor``: it is it, a no-argument rebuild, or a weight-holding wrapper around it."""
+    return current is processor or is_rebuilt(current) or getattr(current, "__dict__", {}).get("diffaccel_processor") is processor
+
+
+def wrap_weighted(module: torch.nn.Module, processor: DiffAccelAttnProcessor) -> Any | None:
+    """Install the registered wrapper around ``module``'s weight-holding processor (an IP-adapter processor);
+    returns the original (the module's stock processor from now on), or ``None`` when none is registered."""
+    original = module.processor
+    wrap = processor_wrapper(type(original).__name__)
+    if wrap is None:
+        return None
+    module.__dict__["_diffaccel_stock_processor"] = original
+    module.__dict__.pop("_diffaccel_adapter", None)
+    module.set_processor(wrap(original, processor))
+    return original
 
 
 def holds_weights(processor: Any) -> bool:
@@ -79,12 +97,17 @@ def check_processors(model: torch.nn.Module, inst: Any) -> None:
         except AttributeError:
             continue
         current = getattr(module, "processor", None)
-        if current is processor or isinstance(current, DiffAccelAttnProcessor) or inst.left.get(name) is current:
+        if current is None or runs(current, processor) or isinstance(current, DiffAccelAttnProcessor):
+            continue
+        if inst.left.get(name) is current:
             continue
         if known is None:
             known = set(supported_processors())
         cls = type(current).__name__
-        if cls.startswith("Fused") and cls in known and not holds_weights(current):
+        if holds_weights(current) and processor_wrapper(cls) is not None:
+            inst.stock[name] = wrap_weighted(module, processor)
+            taken[name] = current
+        elif cls.startswith("Fused") and cls in known and not holds_weights(current):
             module.__dict__["_diffaccel_stock_processor"] = current
             module.__dict__.pop("_diffaccel_adapter", None)
             module.set_processor(processor)
@@ -98,8 +121,8 @@ def check_processors(model: torch.nn.Module, inst: Any) -> None:
         warn_once(
             f"swap-taken:{type(model).__name__}:{cls}",
             f"diffaccel: {len(names)} attention module(s) of {type(model).__name__} were switched to {cls} after "
-            f"diffaccel.apply (fuse_qkv_projections); diffaccel reproduces {cls} there and keeps running "
-            f"{method!r} (diffaccel.remove restores {cls}).",
+            f"diffaccel.apply (fuse_qkv_projections, load_ip_adapter); diffaccel reproduces {cls} there and keeps "
+            f"running {method!r} (IP-adapter attention dense; diffaccel.remove restores {cls}).",
         )
     for cls, names in _by_class(replaced).items():
         cross = all(getattr(model.get_submodule(n), "is_cross_attention", False) for n in names)

@@ -86,6 +86,7 @@ class ModelFamily:
 
 
 _ADAPTERS: dict[str, Adapter] = {}
+_WRAPPERS: dict[str, Callable[[Any, Any], Any]] = {}
 _FAMILIES: dict[str, ModelFamily] = {}
 _GENERIC_INFERENCE: list[tuple[int, Callable[[torch.nn.Module, AttentionCall], str | None]]] = []
 
@@ -96,6 +97,20 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     for name in cls.stock_processors:
         _ADAPTERS[name] = instance
     return cls
+
+
+def register_processor_wrapper(stock_processor: str, wrap: Callable[[Any, Any], Any]) -> None:
+    """Register how to keep a stock processor that holds weights (an IP-adapter processor) in the module tree
+    while diffaccel runs: ``wrap(original, diffaccel_processor)`` returns a processor module that owns the same
+    weight modules (same state-dict keys) and calls ``diffaccel_processor``; :func:`diffaccel.apply` and the swap
+    check install it in place of ``original``, which stays the recorded stock processor."""
+    _WRAPPERS[stock_processor] = wrap
+
+
+def processor_wrapper(stock_processor: str) -> Callable[[Any, Any], Any] | None:
+    """The wrapper registered for ``stock_processor`` (class name), else ``None``."""
+    _load_builtin_adapters()
+    return _WRAPPERS.get(stock_processor)
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
@@ -30,6 +31,7 @@ from diffaccel.pipelines.adapters.base import (
     register_adapter,
     grid_or_unknown,
     register_family,
+    register_processor_wrapper,
 )
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class FluxCarry:
 
     num_text: int | None
     dtype: torch.dtype
+    image_query: torch.Tensor | None = None
+    """The image queries after QK-norm and before RoPE, ``(batch, tokens, heads, head_dim)``: the IP-adapter
+    queries (kept only by :class:`FluxIPAdapterAttentionAdapter`)."""
+    ip_hidden_states: Any = None
 
 
 @register_adapter
@@ -47,6 +53,7 @@ class FluxAttentionAdapter(Adapter):
 
     family = "flux"
     stock_processors = ("FluxAttnProcessor",)
+    keeps_image_query: bool = False
 
     def __init__(self) -> None:
         # Text length of the last double-stream call per run context, for the single-stream calls after it; needed
@@ -73,6 +80,7 @@ class FluxAttentionAdapter(Adapter):
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
         query = attn.norm_q(query)
         key = attn.norm_k(key)
+        image_query = query if self.keeps_image_query else None
 
         if double_stream:
             if getattr(attn, "fused_projections", False):
@@ -116,7 +124,10 @@ class FluxAttentionAdapter(Adapter):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         return Projected(
             query, key, value, layout, attn_mask=attn_mask,
-            carry=FluxCarry(num_text=num_text if double_stream else None, dtype=query.dtype),
+            carry=FluxCarry(
+                num_text=num_text if double_stream else None, dtype=query.dtype, image_query=image_query,
+                ip_hidden_states=call.extra.get("ip_hidden_states") if self.keeps_image_query else None,
+            ),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
@@ -132,6 +143,79 @@ class FluxAttentionAdapter(Adapter):
         hidden_states = attn.to_out[1](hidden_states)
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class FluxIPAdapterAttentionAdapter(FluxAttentionAdapter):
+    """``FluxIPAdapterAttnProcessor`` (``FluxTransformer2DModel.load_ip_adapter``): the joint attention runs the
+    method; the IP-adapter attention of the image queries (before RoPE) to the projected image-prompt tokens is
+    added dense, as the stock processor computes it, and returned as the block's third output.
+
+    The IP weights (``to_k_ip``, ``to_v_ip``) and ``scale`` are read from the module's processor
+    (:class:`DiffAccelFluxIPAdapterAttnProcessor`, which shares them with the stock one).
+    """
+
+    stock_processors = ("FluxIPAdapterAttnProcessor",)
+    keeps_image_query = True
+
+    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
+        result = super().finish(attn, out, projected)
+        carry: FluxCarry = projected.carry
+        if carry.num_text is None:  # single-stream blocks have no IP-adapter attention
+            return result
+        hidden_states, encoder_hidden_states = result
+        weights = attn.processor if hasattr(attn.processor, "to_k_ip") else attn.__dict__["_diffaccel_stock_processor"]
+        ip_query = carry.image_query
+        batch = ip_query.shape[0]
+        ip_out = torch.zeros_like(hidden_states)
+        for states, scale, to_k_ip, to_v_ip in zip(
+            carry.ip_hidden_states or (), weights.scale, weights.to_k_ip, weights.to_v_ip
+        ):
+            ip_key = to_k_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+            ip_value = to_v_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+            # IP cross-attention stays dense: PyTorch SDPA as diffusers' native backend calls it
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                *(t.permute(0, 2, 1, 3) for t in (ip_query, ip_key, ip_value)), dropout_p=0.0, is_causal=False
+            ).permute(0, 2, 1, 3)
+            ip_out += scale * attended.reshape(batch, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
+        return hidden_states, encoder_hidden_states, ip_out
+
+
+class DiffAccelFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
+    """A ``FluxIPAdapterAttnProcessor`` whose attention runs diffaccel's processor.
+
+    It owns the original's ``to_k_ip``/``to_v_ip`` modules (the same objects, so ``state_dict`` keys, device moves
+    and ``set_ip_adapter_scale`` behave as with the stock processor) and passes every call to the diffaccel
+    processor, whose :class:`FluxIPAdapterAttentionAdapter` adds the IP-adapter attention. ``isinstance`` checks
+    for ``FluxIPAdapterAttnProcessor`` in diffusers (``unload_ip_adapter``, scale setting) hold.
+    """
+
+    def __init__(self, original: FluxIPAdapterAttnProcessor, processor: Any) -> None:
+        torch.nn.Module.__init__(self)
+        self.hidden_size = original.hidden_size
+        self.cross_attention_dim = original.cross_attention_dim
+        self.scale = original.scale
+        self.to_k_ip = original.to_k_ip
+        self.to_v_ip = original.to_v_ip
+        self.__dict__["diffaccel_processor"] = processor
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ) -> Any:
+        return self.diffaccel_processor(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+            ip_hidden_states=ip_hidden_states,
+        )
+
+
+register_processor_wrapper("FluxIPAdapterAttnProcessor", DiffAccelFluxIPAdapterAttnProcessor)
 
 
 def _single_stream_text_len(ctx: RunContext, num_tokens: int, joint_text_len: int | None) -> int:
