@@ -58,13 +58,9 @@ def holds_weights(processor: Any) -> bool:
 
 
 def processors_to_leave(modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """Modules whose current processor holds weights and has no adapter: replacing it would drop those weights."""
-    known = set(supported_processors())
-    return {
-        name: module.processor
-        for name, module in modules.items()
-        if holds_weights(module.processor) and type(module.processor).__name__ not in known
-    }
+    """Modules whose current processor holds weights: replacing it would drop them from the module tree
+    (``apply`` then wraps those it has a wrapper for and leaves the others)."""
+    return {name: module.processor for name, module in modules.items() if holds_weights(module.processor)}
 
 
 def _by_class(found: dict[str, Any]) -> dict[str, list[str]]:

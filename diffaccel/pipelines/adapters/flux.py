@@ -192,12 +192,21 @@ class DiffAccelFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
 
     def __init__(self, original: FluxIPAdapterAttnProcessor, processor: Any) -> None:
         torch.nn.Module.__init__(self)
+        self.__dict__["original"] = original  # not a submodule: its weights are registered once, below
         self.hidden_size = original.hidden_size
         self.cross_attention_dim = original.cross_attention_dim
-        self.scale = original.scale
         self.to_k_ip = original.to_k_ip
         self.to_v_ip = original.to_v_ip
         self.__dict__["diffaccel_processor"] = processor
+
+    @property
+    def scale(self) -> list[float]:
+        """The original's IP scales (``set_ip_adapter_scale`` sets them here; ``diffaccel.remove`` keeps them)."""
+        return self.__dict__["original"].scale
+
+    @scale.setter
+    def scale(self, value: list[float]) -> None:
+        self.__dict__["original"].scale = value
 
     def __call__(
         self,
