@@ -149,3 +149,20 @@ def test_no_argument_rebuild_runs_the_installed_method() -> None:
 def test_named_processor_is_not_rebuilt() -> None:
     assert not DiffAccelAttnProcessor("dense").rebuilt
     assert not DiffAccelAttnProcessor(strict=True).rebuilt
+
+
+def test_named_processor_rebuild_defers_only_to_its_own_method() -> None:
+    from diffaccel.pipelines.named_processors import GNAAttnProcessor, MSWAttnProcessor
+
+    model, inputs = _build("flux")
+    installed = diffaccel.apply(model, GNAAttnProcessor(backend="reference"))
+    assert not installed.rebuilt
+    model.set_attn_processor(GNAAttnProcessor())  # what processor.__class__() builds
+    run(model, inputs)
+    assert installed.method.call_counts.method == len(attention_modules(model))
+    other = MSWAttnProcessor()  # another method, asked for explicitly: runs itself
+    assert other.rebuilt and not other.defers_to(installed)
+    model.set_attn_processor(other)
+    installed.method.call_counts.reset()
+    run(model, inputs)
+    assert installed.method.call_counts.method == 0 and sum(vars(other.method.call_counts).values()) > 0

@@ -108,7 +108,7 @@ class DiffAccelAttnProcessor:
         )
         if self.rebuilt:
             installed = attn.__dict__.get(INSTALLED_PROCESSOR)
-            if installed is not None and installed is not self:
+            if installed is not None and installed is not self and self.defers_to(installed):
                 warn_once(
                     f"rebuilt-processor:{installed.method.name}",
                     "diffaccel: a DiffAccelAttnProcessor() built without a method (as diffusers rebuilds processors "
@@ -135,6 +135,11 @@ class DiffAccelAttnProcessor:
             attn_mask=projected.attn_mask, scale=projected.scale,
         )
         return adapter.finish(attn, out, projected)
+
+    def defers_to(self, installed: "DiffAccelAttnProcessor") -> bool:
+        """Whether this no-argument rebuild runs ``installed`` (the processor :func:`diffaccel.apply` put on the
+        module): always for the generic class; named processors only for their own method."""
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.method!r})"
