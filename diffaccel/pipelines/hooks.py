@@ -90,7 +90,10 @@ def apply(
     """
     wrapper = _denoiser_wrapper(method)
     if wrapper is not None:  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
-        return wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
+        installed = wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
+        if strict:
+            installed.strict = True
+        return installed
     models = denoisers_of(pipe_or_model)
     for model in models:
         family_of(model)  # unsupported families fail before anything changes
