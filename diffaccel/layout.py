@@ -42,6 +42,11 @@ class TokenLayout:
         finest_downsample: the smallest ``downsample`` of any self-attention level of this denoiser: 1 on DiTs and
             SD 1.x/2.x, 2 on SDXL (its full-resolution level has no attention). Methods whose default is "the
             highest-resolution attention level" (AgentSD, HiDiffusion) compare ``downsample`` with it.
+        unknown: why the grid of this self/joint call could not be derived (FLUX ``img_ids`` that are not one
+            row-major grid, a video processor installed without :func:`diffaccel.apply`, ...), else ``None``. Such
+            a layout has ``grid=None`` (and ``text=None`` when the text length was unknown too): dense attention
+            runs exactly as stock, and a method that needs the grid falls back to dense for the call (one warning
+            per layer) or, in strict mode, raises this reason.
     """
 
     num_tokens: int
@@ -53,10 +58,13 @@ class TokenLayout:
     downsample: int = 1
     hierarchical: bool = False
     finest_downsample: int = 1
+    unknown: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:
             raise LayoutError(f"num_tokens must be >= 0, got {self.num_tokens}")
+        if self.unknown is not None and (self.grid is not None or self.is_cross):
+            raise LayoutError("a layout whose grid is unknown has grid=None and is not cross-attention")
         if self.grid is not None:
             if not (1 <= len(self.grid) <= 3) or any(int(s) < 1 for s in self.grid):
                 raise LayoutError(f"grid must be 1 to 3 positive sizes, got {self.grid}")
@@ -117,6 +125,11 @@ class TokenLayout:
     @property
     def has_grid(self) -> bool:
         return self.grid is not None and not self.is_cross
+
+    @property
+    def grid_unknown(self) -> bool:
+        """True when this self/joint call has visual tokens whose grid could not be derived (:attr:`unknown`)."""
+        return self.unknown is not None
 
     def visual_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Grid coordinates of each visual token, shape ``(num_visual, len(grid))``, row-major as the model flattens."""

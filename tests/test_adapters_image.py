@@ -90,8 +90,12 @@ def test_bare_set_attn_processor_square_equals_stock(name: str) -> None:
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_bare_set_attn_processor_non_square_names_apply(name: str) -> None:
+    """No hook and a non-square grid: dense is exact; a grid method in strict mode names diffaccel.apply."""
     model, inputs = build(name, "non-square")
+    stock = run(model, inputs)
     model.set_attn_processor(diffaccel.DiffAccelAttnProcessor("dense"))
+    assert max_abs_diff(run(model, inputs), stock) == 0.0
+    model.set_attn_processor(diffaccel.DiffAccelAttnProcessor("tile", backend="reference", strict=True))
     with pytest.raises(LayoutError, match=r"diffaccel\.apply"):
         run(model, inputs)
 
@@ -188,6 +192,8 @@ def test_flux_single_stream_text_length_without_hook() -> None:
     with torch.no_grad():
         expected = single(x, image_rotary_emb=rope)
         single.set_processor(diffaccel.DiffAccelAttnProcessor("dense"))
+        assert max_abs_diff(single(x, image_rotary_emb=rope), expected) == 0.0  # dense needs no text length
+        single.set_processor(diffaccel.DiffAccelAttnProcessor("tile", backend="reference", strict=True))
         with pytest.raises(LayoutError, match=r"diffaccel\.apply"):
             single(x, image_rotary_emb=rope)
         # With the text length known (as the hook or a double-stream call records it) the call is exact.

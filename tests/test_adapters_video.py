@@ -36,7 +36,7 @@ from diffaccel.pipelines.adapters.ltx import grid_from_video_coords
 from diffaccel.pipelines.adapters.wan import WAN_TEXT_TOKENS
 from diffaccel.pipelines.hooks import attention_modules
 from diffaccel.pipelines.processor import DiffAccelAttnProcessor
-from diffaccel.warn import DiffAccelWarning
+from diffaccel.warn import DiffAccelWarning, reset_warnings
 
 GRID = (3, 4, 6)
 NUM_VIDEO = math.prod(GRID)
@@ -323,10 +323,15 @@ def test_ltx_irregular_video_coords_warns_and_runs_dense():
     expected = _run(model, inputs)
     method = RecordingMethod()
     diffaccel.apply(model, method)
-    with pytest.warns(DiffAccelWarning, match="runs dense"):
-        out = _run(model, inputs)
+    out = _run(model, inputs)
     assert _max_diff(out, expected) == 0.0  # bitwise: the same ops as stock
-    assert method.by_layer()["transformer_blocks.0.attn1"].layout.grid is None
+    layout = method.by_layer()["transformer_blocks.0.attn1"].layout
+    assert layout.grid is None and "video_coords" in layout.unknown
+    # a method that needs the grid says so (once per layer) and runs dense, exactly
+    reset_warnings()
+    diffaccel.apply(model, "tile", backend="reference")
+    with pytest.warns(DiffAccelWarning, match="runs dense|run dense"):
+        assert _max_diff(_run(model, inputs), expected) == 0.0
 
 
 def test_grid_from_video_coords():
@@ -340,8 +345,12 @@ def test_grid_from_video_coords():
 
 
 def test_bare_processor_cannot_infer_a_video_grid():
+    """No hook, no video grid: dense runs exactly as stock; a grid method refuses only in strict mode."""
     model, inputs = _wan()
+    stock = _run(model, inputs)
     model.set_attn_processor(DiffAccelAttnProcessor("dense"))
+    assert _max_diff(_run(model, inputs), stock) == 0.0
+    model.set_attn_processor(DiffAccelAttnProcessor("tile", backend="reference", strict=True))
     with pytest.raises(LayoutError, match=r"diffaccel\.apply"):
         _run(model, inputs)
 

@@ -22,6 +22,7 @@ from image_models import (
 import diffaccel
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
+from diffaccel.warn import DiffAccelWarning, reset_warnings
 from diffaccel.layout import TokenLayout, downsampled_grid, downsampled_level, square_grid
 from diffaccel.methods.base import MethodBase, sdpa
 from diffaccel.pipelines.hooks import attention_modules
@@ -254,13 +255,26 @@ def test_layer_names_are_module_names() -> None:
 
 
 def test_grid_mismatch_with_hook_is_reported() -> None:
-    """An attention call whose token count does not fit the latent grid fails loudly instead of guessing."""
+    """An attention call whose token count does not fit the latent grid never guesses one: dense runs as stock, a
+    grid method says so (and falls back), strict mode fails loudly (issue 11: never refuse what stock runs)."""
     model = tiny_sd3()
+    attn = model.transformer_blocks[0].attn
+    x, text = torch.randn(1, 16, 16), torch.randn(1, TEXT_LEN, 16)
+    with torch.no_grad():
+        stock = attn(x, text)
     processor = diffaccel.apply(model, "dense")
     processor.context.grid = (5, 5)
-    attn = model.transformer_blocks[0].attn
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(attn(x, text), stock))
+    processor = diffaccel.apply(model, "tile", backend="reference")
+    processor.context.grid = (5, 5)
+    reset_warnings()
+    with pytest.warns(DiffAccelWarning, match="latent grid"), torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(attn(x, text), stock))
+    processor = diffaccel.apply(model, "tile", backend="reference", strict=True)
+    processor.context.grid = (5, 5)
     with pytest.raises(LayoutError, match="latent grid"), torch.no_grad():
-        attn(torch.randn(1, 16, 16), torch.randn(1, TEXT_LEN, 16))
+        attn(x, text)
 
 
 @pytest.mark.parametrize("finest, downsample", [(0, 1), (2, 1), (4, 2), (True, 1)])

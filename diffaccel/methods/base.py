@@ -19,6 +19,7 @@ from diffaccel.errors import ConfigError, UnknownMethodError
 from diffaccel.layout import TokenLayout
 from diffaccel.sparse.checks import BACKENDS as _KERNEL_BACKENDS
 from diffaccel.sparse.checks import check_backend as _check_backend
+from diffaccel.warn import warn_once
 
 
 @dataclass
@@ -95,6 +96,11 @@ class MethodBase:
     the whole sequence for a slice of the heads, ``ctx.heads`` says which; ``"ring"``: it merges partial results
     over key shards by LSE). Empty: under context parallelism the processor raises instead of running it."""
 
+    needs_grid: ClassVar[bool] = True
+    """The method's own attention needs the visual token grid (every sparse method); ``False`` for methods that run
+    the same on any layout (dense). A call whose grid is unknown (:attr:`TokenLayout.unknown`) then runs dense
+    through :meth:`unknown_grid_fallback`, or raises when diffaccel was applied with ``strict=True``."""
+
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         if config is None:
             config = build_config(self.config_class, overrides, method=self.name)
@@ -116,7 +122,11 @@ class MethodBase:
         attn_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        if layout.is_cross or not layout.has_grid:
+        if layout.is_cross:
+            return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+        if not layout.has_grid:
+            if layout.grid_unknown and self.needs_grid:
+                return self.unknown_grid_fallback(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
             return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
         self._fell_back = False
         out = self.attend(q, k, v, layout, ctx, attn_mask=attn_mask, scale=scale)
@@ -147,6 +157,29 @@ class MethodBase:
         """Dense attention where :meth:`attend` does not run the method on this call (counted in :attr:`call_counts`)."""
         self._fell_back = True
         return sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    def unknown_grid_fallback(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: TokenLayout,
+        ctx: RunContext,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Dense attention for a self/joint call whose grid could not be derived: exactly what the stock processor
+        computes, counted in :attr:`call_counts` as a fallback, and said once per layer (never silently)."""
+        warn_once(
+            f"grid-unknown:{self.name}:{ctx.layer}",
+            f"diffaccel: {self.name} needs the token grid, but it is unknown for {ctx.layer or 'an attention layer'} "
+            f"({layout.unknown}); such calls of this layer run dense attention, exactly as stock. "
+            "diffaccel.apply(..., strict=True) raises instead.",
+        )
+        out = self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
+        self.call_counts.dense += 1
+        return out
 
     def attend(
         self,

@@ -23,6 +23,7 @@ class DenseMethod(MethodBase):
     name = "dense"
     context_parallel = frozenset({"ulysses", "ring"})  # tested: tests/test_context_parallel.py
     config_class = DenseConfig
+    needs_grid = False
 
     def __call__(
         self,

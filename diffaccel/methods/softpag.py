@@ -242,6 +242,11 @@ class SoftPAGMethod:
             idx = self._head_index[key] = torch.tensor(heads, device=out.device)
         return soft_identity(out, q, k, v, layout, rows, idx, strength, self.config.identity, scale)
 
+    @property
+    def needs_grid(self) -> bool:
+        """The inner method's (``MethodBase.needs_grid``): with a dense inner method, strict mode never refuses."""
+        return bool(getattr(self.inner, "needs_grid", True))
+
     def kept_blocks(self, layer: str) -> torch.Tensor | None:
         """The inner method's kept key blocks of ``layer`` (SoftPAG keeps no mask of its own)."""
         inner = getattr(self.inner, "kept_blocks", None)

@@ -20,7 +20,8 @@ from diffaccel.pipelines.adapters.base import (
     mark_text_only,
     stock_processor_name,
 )
-from diffaccel.pipelines.processor import DiffAccelAttnProcessor
+from diffaccel.pipelines import swaps
+from diffaccel.pipelines.processor import INSTALLED_PROCESSOR, DiffAccelAttnProcessor
 
 DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 """Pipeline attributes that hold denoisers (Wan 2.2 has two transformers)."""
@@ -34,6 +35,8 @@ class Installation:
     stock: dict[str, Any]
     hook: Any
     extra_hooks: list[Any] = field(default_factory=list)
+    left: dict[str, Any] = field(default_factory=dict)
+    """Modules ``apply`` left on their current processor (IP-adapter processors, which hold weights), by name."""
 
 
 def denoisers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
@@ -63,6 +66,7 @@ def apply(
     method: AttentionMethod | str | DiffAccelAttnProcessor = "dense",
     *,
     guard: float | None = None,
+    strict: bool = False,
     **config: Any,
 ) -> DiffAccelAttnProcessor:
     """Replace the attention of a pipeline's denoisers (or of one model) with ``method``.
@@ -77,7 +81,14 @@ def apply(
         guard: a relative L1 error budget (e.g. ``0.05``): each layer's first call that runs the method is checked
             against dense attention on sampled query rows and layers above the budget run dense for the rest of the
             run (:class:`~diffaccel.methods.guard.QualityGuard`; ``processor.method.report()`` tells which).
+        strict: a call whose token grid cannot be derived (FLUX ``img_ids`` that are not one row-major grid, ...)
+            raises :class:`~diffaccel.errors.LayoutError` when the method needs the grid; by default it runs dense,
+            exactly as stock, with one warning per layer. ``dense`` never needs the grid.
         **config: the method's parameters when ``method`` is a name.
+
+    Processors replaced after ``apply`` are never dropped silently (:mod:`diffaccel.pipelines.swaps`): fused
+    projections are taken over, anything else is named in one warning. Modules running an IP-adapter processor
+    (which holds the IP weights) are left on it, named in one warning; IP cross-attention is dense anyway.
 
     Returns:
         The processor installed on every attention module.
@@ -85,11 +96,14 @@ def apply(
     if guard is not None:
         check_budget(guard)
     wrapper = _denoiser_wrapper(method)
-    if wrapper is not None:
+    if wrapper is not None:  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
         if guard is not None:
             raise ConfigError("guard= is not supported with a method that wraps the denoiser call (SoftPAG): its "
-                              "output is a guidance term, not attention to compare with dense")  # guidance methods wrap the denoiser call too (SoftPAG): their installer does it all
-        return wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
+                              "output is a guidance term, not attention to compare with dense")
+        installed = wrapper(pipe_or_model, None if isinstance(method, str) else method, **config)
+        if strict:
+            installed.strict = True
+        return installed
     models = denoisers_of(pipe_or_model)
     for model in models:
         family_of(model)  # unsupported families fail before anything changes
@@ -97,8 +111,10 @@ def apply(
         if config:
             raise TypeError("config keywords cannot be combined with a processor instance")
         processor = method
+        if strict:
+            processor.strict = True
     else:
-        processor = DiffAccelAttnProcessor(method, **config)
+        processor = DiffAccelAttnProcessor(method, strict=strict, **config)
     if guard is not None:
         inner = processor.method.method if isinstance(processor.method, QualityGuard) else processor.method
         processor.method = QualityGuard(inner, guard)
@@ -117,6 +133,8 @@ def apply(
         for prefix in family.text_only_modules:
             mark_text_only(model.get_submodule(prefix))
         modules = attention_modules(model)
+        left = swaps.processors_to_leave(modules)
+        modules = {name: module for name, module in modules.items() if name not in left}
         stock = {}
         for name, module in modules.items():
             current = module.processor
@@ -134,8 +152,22 @@ def apply(
         model_setup.setup_model(processor.method, model)  # e.g. CLEAR's distilled projections
         for module in modules.values():
             module.set_processor(processor)
+            module.__dict__[INSTALLED_PROCESSOR] = processor
+        for name in list(left):  # weight-holding processors with a wrapper keep their weights and run the method
+            module = model.get_submodule(name)
+            module.__dict__["_diffaccel_name"] = name
+            compile_ops.set_layer_token(module, name)
+            mark_hierarchical(module, family.hierarchical)
+            original = swaps.wrap_weighted(module, processor)
+            if original is not None:
+                stock[name] = original
+                module.__dict__[INSTALLED_PROCESSOR] = processor
+                del left[name]
+        swaps.announce_left(model, left, processor)
         hook = model.register_forward_pre_hook(ContextHook(ctx, processor), with_kwargs=True)
-        model.__dict__["_diffaccel_installation"] = Installation(processor=processor, stock=stock, hook=hook)
+        model.__dict__["_diffaccel_installation"] = Installation(
+            processor=processor, stock=stock, hook=hook, left=left
+        )
     return processor
 
 
@@ -150,8 +182,9 @@ def remove(pipe_or_model: Any) -> None:
             module = modules.get(name)
             if module is None:
                 continue
-            module.set_processor(processor)
-            for key in ("_diffaccel_stock_processor", "_diffaccel_adapter"):
+            if swaps.runs(module.processor, inst.processor):
+                module.set_processor(processor)  # a processor someone else installed since stays theirs
+            for key in ("_diffaccel_stock_processor", "_diffaccel_adapter", INSTALLED_PROCESSOR):
                 module.__dict__.pop(key, None)
         inst.hook.remove()
         for h in inst.extra_hooks:
@@ -285,6 +318,9 @@ class ContextHook:
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         family = family_of(module)
+        inst = module.__dict__.get("_diffaccel_installation")
+        if inst is not None and not torch.compiler.is_compiling():
+            swaps.check_processors(module, inst)
         bound = bind_forward_args(module, args, kwargs)
         grid, text_len = family.read_inputs(module, bound)
         if compile_ops.compiling():

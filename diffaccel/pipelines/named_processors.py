@@ -24,6 +24,11 @@ class _NamedProcessor(DiffAccelAttnProcessor):
 
     def __init__(self, *, context: RunContext | None = None, **config: Any) -> None:
         super().__init__(self.method_name, context=context, **config)
+        # built without arguments (diffusers' processor.__class__() rebuilds): defers to the installed processor
+        self.rebuilt = context is None and not config
+
+    def defers_to(self, installed: DiffAccelAttnProcessor) -> bool:
+        return installed.method.name == self.method_name
 
 
 class AgentAttnProcessor(_NamedProcessor):
@@ -36,6 +41,7 @@ class AgentAttnProcessor(_NamedProcessor):
 
     def __init__(self, mode: str = "auto", *, context: RunContext | None = None, **config: Any) -> None:
         super().__init__(context=context, mode=mode, **config)
+        self.rebuilt = context is None and not config and mode == "auto"
 
 
 class GNAAttnProcessor(_NamedProcessor):

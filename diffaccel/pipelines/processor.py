@@ -12,13 +12,16 @@ from typing import Any
 import torch
 
 from diffaccel.context import RunContext
-from diffaccel.errors import ConfigError
+from diffaccel.errors import ConfigError, LayoutError
 from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines import compile_ops
 from diffaccel.pipelines.objects import picklable_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
 from diffaccel.pipelines.parallel import parallel_config, run_context_parallel
 from diffaccel.warn import warn_once
+
+INSTALLED_PROCESSOR = "_diffaccel_processor"
+"""Module ``__dict__`` key of the processor :func:`diffaccel.apply` installed (read by rebuilt processors)."""
 
 
 def resolve_method(method: AttentionMethod | str, config: dict[str, Any]) -> AttentionMethod:
@@ -44,8 +47,13 @@ class DiffAccelAttnProcessor:
         diffaccel.apply(pipe, "dense")   # also records the latent grid and the step for methods that need them
 
     Args:
-        method: a registered method name or an :class:`~diffaccel.methods.base.AttentionMethod` instance.
+        method: a registered method name or an :class:`~diffaccel.methods.base.AttentionMethod` instance. Omitted
+            (``DiffAccelAttnProcessor()``, as diffusers rebuilds processors with ``processor.__class__()`` in
+            ``load_ip_adapter`` and elsewhere): on a module :func:`diffaccel.apply` set up, the call runs the
+            processor ``apply`` installed (its method, context and per-layer state); elsewhere dense.
         context: the run context the pipeline hook fills; a fresh one (no grid, step 0) when omitted.
+        strict: raise :class:`~diffaccel.errors.LayoutError` on a call whose token grid cannot be derived, when
+            the method needs one; by default such a call runs dense (one warning per layer).
         **config: the method's configuration fields when ``method`` is a name.
     """
 
@@ -53,9 +61,21 @@ class DiffAccelAttnProcessor:
     """diffusers' ``ParallelConfig`` when the model runs context parallelism (set by ``enable_parallelism``, which
     sets it on every processor with this attribute, or by :func:`diffaccel.apply` on a parallel model)."""
 
-    def __init__(self, method: AttentionMethod | str = "dense", *, context: RunContext | None = None, **config: Any):
-        self.method = resolve_method(method, config)
+    def __init__(
+        self,
+        method: AttentionMethod | str | None = None,
+        *,
+        context: RunContext | None = None,
+        strict: bool = False,
+        **config: Any,
+    ):
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
+        self.rebuilt = method is None and context is None and not config and not strict
+        """Built without arguments: defers to the processor :func:`diffaccel.apply` installed on the module."""
+        self.method = resolve_method("dense" if method is None else method, config)
         self.context = context if context is not None else RunContext()
+        self.strict = strict
         self._op_key = compile_ops.register_processor(self)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -76,6 +96,24 @@ class DiffAccelAttnProcessor:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._op_key = compile_ops.register_processor(self)
+
+    @property
+    def _attention_backend(self) -> Any:
+        """diffusers' ``set_attention_backend`` sets this on every processor that has it. diffaccel's method computes
+        attention itself, so a backend set here has no effect: setting one says so once (never silently)."""
+        return self.__dict__.get("_diffusers_backend")
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.__dict__["_diffusers_backend"] = backend
+        if backend is not None:
+            name = getattr(backend, "value", backend)
+            warn_once(
+                f"attention-backend:{name}:{self.method.name}",
+                f"diffaccel: set_attention_backend({name!r}) has no effect on diffaccel's processors: method "
+                f"{self.method.name!r} computes attention itself (dense: PyTorch SDPA). diffaccel.remove(model) "
+                "restores the stock processors, which use the backend.",
+            )
 
     def __call__(
         self,
@@ -106,6 +144,20 @@ class DiffAccelAttnProcessor:
             temb=temb,
             extra=kwargs,
         )
+        if self.rebuilt:
+            installed = attn.__dict__.get(INSTALLED_PROCESSOR)
+            if installed is not None and installed is not self and self.defers_to(installed):
+                warn_once(
+                    f"rebuilt-processor:{installed.method.name}",
+                    "diffaccel: a DiffAccelAttnProcessor() built without a method (as diffusers rebuilds processors "
+                    "with processor.__class__(), e.g. in load_ip_adapter) runs the processor diffaccel.apply "
+                    f"installed on the module, method {installed.method.name!r}; pass a method name, e.g. "
+                    "DiffAccelAttnProcessor('dense'), for another one.",
+                )
+                return installed(
+                    attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb,
+                    **kwargs,
+                )
         adapter = adapter_for(attn, call)
         ctx = self.context
         compiling = compile_ops.compiling()
@@ -131,6 +183,12 @@ class DiffAccelAttnProcessor:
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)
+        layout = projected.layout
+        if layout.grid_unknown and self.strict and getattr(self.method, "needs_grid", True):
+            raise LayoutError(
+                f"{ctx.layer}: method {self.method.name!r} needs the token grid, which is unknown for this call "
+                f"({layout.unknown}); strict=True refuses the call (without strict it runs dense, as stock)"
+            )
         out = attend(
             projected.q, projected.k, projected.v, projected.layout, ctx,
             attn_mask=projected.attn_mask, scale=projected.scale,
@@ -148,6 +206,11 @@ class DiffAccelAttnProcessor:
             )
 
         return attend
+
+    def defers_to(self, installed: "DiffAccelAttnProcessor") -> bool:
+        """Whether this no-argument rebuild runs ``installed`` (the processor :func:`diffaccel.apply` put on the
+        module): always for the generic class; named processors only for their own method."""
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.method!r})"

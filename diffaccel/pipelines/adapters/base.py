@@ -91,6 +91,7 @@ class ModelFamily:
 
 
 _ADAPTERS: dict[str, Adapter] = {}
+_WRAPPERS: dict[str, Callable[[Any, Any], Any]] = {}
 _FAMILIES: dict[str, ModelFamily] = {}
 _GENERIC_INFERENCE: list[tuple[int, Callable[[torch.nn.Module, AttentionCall], str | None]]] = []
 
@@ -113,6 +114,19 @@ def registered_adapter(module: str, qualname: str) -> Adapter:
         if type(adapter).__module__ == module and type(adapter).__qualname__ == qualname:
             return adapter
     raise UnsupportedModelError(f"adapter {module}.{qualname} is not registered in this process")
+
+def register_processor_wrapper(stock_processor: str, wrap: Callable[[Any, Any], Any]) -> None:
+    """Register how to keep a stock processor that holds weights (an IP-adapter processor) in the module tree
+    while diffaccel runs: ``wrap(original, diffaccel_processor)`` returns a processor module that owns the same
+    weight modules (same state-dict keys) and calls ``diffaccel_processor``; :func:`diffaccel.apply` and the swap
+    check install it in place of ``original``, which stays the recorded stock processor."""
+    _WRAPPERS[stock_processor] = wrap
+
+
+def processor_wrapper(stock_processor: str) -> Callable[[Any, Any], Any] | None:
+    """The wrapper registered for ``stock_processor`` (class name), else ``None``."""
+    _load_builtin_adapters()
+    return _WRAPPERS.get(stock_processor)
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -219,12 +233,30 @@ def resolve_level(
         raise LayoutError(
             f"the call has {num_visual} visual tokens but the latent grid {ctx.grid} holds {math.prod(ctx.grid)}"
         )
+    if ctx.denoiser_calls > 0:  # the hook ran but the denoiser's inputs gave no grid: never guess one
+        raise LayoutError(
+            f"the denoiser's inputs of this call give no visual grid for its {num_visual} visual tokens (for "
+            "example FLUX img_ids that are not one row-major image grid, as with Kontext reference latents)"
+        )
     if video:
         raise LayoutError(
             "the video grid (frames, height, width) cannot be inferred from a token count; install the processor "
             "with diffaccel.apply(pipe, method), which reads it from the latent shape"
         )
     return square_grid(num_visual), 1
+
+
+def grid_or_unknown(
+    ctx: RunContext, num_visual: int, *, allow_downsample: bool = False, video: bool = False
+) -> tuple[Grid | None, int, str | None]:
+    """:func:`resolve_level` that never refuses a call: ``(grid, factor, None)``, or ``(None, 1, reason)`` when the
+    grid cannot be derived. Adapters put the reason in :attr:`TokenLayout.unknown`, so dense attention still runs
+    exactly as the stock processor would, and methods that need a grid fall back (or raise in strict mode)."""
+    try:
+        grid, factor = resolve_level(ctx, num_visual, allow_downsample=allow_downsample, video=video)
+    except LayoutError as exc:
+        return None, 1, str(exc)
+    return grid, factor, None
 
 
 def patchified_video_grid(

@@ -29,7 +29,7 @@ from diffaccel.pipelines.adapters.base import (
     register_adapter,
     register_family,
     register_processor_inference,
-    resolve_grid,
+    grid_or_unknown,
 )
 
 
@@ -75,11 +75,8 @@ class CogVideoXAttentionAdapter(Adapter):
                 key = torch.cat([key[:, :, :num_text], apply_rotary_emb(key[:, :, num_text:], rotary)], dim=2)
 
         num_tokens = query.shape[2]
-        layout = TokenLayout(
-            num_tokens=num_tokens,
-            grid=resolve_grid(ctx, num_tokens - num_text, video=True),
-            text=slice(0, num_text),
-        )
+        grid, _, unknown = grid_or_unknown(ctx, num_tokens - num_text, video=True)
+        layout = TokenLayout(num_tokens=num_tokens, grid=grid, text=slice(0, num_text), unknown=unknown)
         return Projected(query, key, value, layout, attn_mask=attention_mask, carry=num_text)  # finish needs only the text length (text first)
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
@@ -28,8 +29,9 @@ from diffaccel.pipelines.adapters.base import (
     TensorMemo,
     merge_heads,
     register_adapter,
+    grid_or_unknown,
     register_family,
-    resolve_grid,
+    register_processor_wrapper,
 )
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class FluxCarry:
 
     num_text: int | None
     dtype: torch.dtype
+    image_query: torch.Tensor | None = None
+    """The image queries after QK-norm and before RoPE, ``(batch, tokens, heads, head_dim)``: the IP-adapter
+    queries (kept only by :class:`FluxIPAdapterAttentionAdapter`)."""
+    ip_hidden_states: Any = None
 
 
 @register_adapter
@@ -47,6 +53,7 @@ class FluxAttentionAdapter(Adapter):
 
     family = "flux"
     stock_processors = ("FluxAttnProcessor",)
+    keeps_image_query: bool = False
 
     def __init__(self) -> None:
         # Text length of the last double-stream call per run context, for the single-stream calls after it; needed
@@ -73,6 +80,7 @@ class FluxAttentionAdapter(Adapter):
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
         query = attn.norm_q(query)
         key = attn.norm_k(key)
+        image_query = query if self.keeps_image_query else None
 
         if double_stream:
             if getattr(attn, "fused_projections", False):
@@ -100,10 +108,14 @@ class FluxAttentionAdapter(Adapter):
             if not torch.compiler.is_compiling():  # traced, the store would guard on the dict (a recompile)
                 self._joint_text_len[ctx] = num_text
         else:
-            num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
-        layout = TokenLayout(
-            num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens - num_text), text=slice(0, num_text)
-        )
+            num_text = None
+            try:
+                num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
+            except LayoutError as exc:  # dense needs no text length: the call runs, methods needing one fall back
+                layout = TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc))
+        if num_text is not None:
+            grid, _, unknown = grid_or_unknown(ctx, num_tokens - num_text)
+            layout = TokenLayout(num_tokens=num_tokens, grid=grid, text=slice(0, num_text), unknown=unknown)
 
         attn_mask = call.attention_mask
         # diffusers' native attention backend widens a (batch, keys) mask to (batch, 1, 1, keys).
@@ -113,7 +125,10 @@ class FluxAttentionAdapter(Adapter):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         return Projected(
             query, key, value, layout, attn_mask=attn_mask,
-            carry=FluxCarry(num_text=num_text if double_stream else None, dtype=query.dtype),
+            carry=FluxCarry(
+                num_text=num_text if double_stream else None, dtype=query.dtype, image_query=image_query,
+                ip_hidden_states=call.extra.get("ip_hidden_states") if self.keeps_image_query else None,
+            ),
         )
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
@@ -129,6 +144,88 @@ class FluxAttentionAdapter(Adapter):
         hidden_states = attn.to_out[1](hidden_states)
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class FluxIPAdapterAttentionAdapter(FluxAttentionAdapter):
+    """``FluxIPAdapterAttnProcessor`` (``FluxTransformer2DModel.load_ip_adapter``): the joint attention runs the
+    method; the IP-adapter attention of the image queries (before RoPE) to the projected image-prompt tokens is
+    added dense, as the stock processor computes it, and returned as the block's third output.
+
+    The IP weights (``to_k_ip``, ``to_v_ip``) and ``scale`` are read from the module's processor
+    (:class:`DiffAccelFluxIPAdapterAttnProcessor`, which shares them with the stock one).
+    """
+
+    stock_processors = ("FluxIPAdapterAttnProcessor",)
+    keeps_image_query = True
+
+    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
+        result = super().finish(attn, out, projected)
+        carry: FluxCarry = projected.carry
+        if carry.num_text is None:  # single-stream blocks have no IP-adapter attention
+            return result
+        hidden_states, encoder_hidden_states = result
+        weights = attn.processor if hasattr(attn.processor, "to_k_ip") else attn.__dict__["_diffaccel_stock_processor"]
+        ip_query = carry.image_query
+        batch = ip_query.shape[0]
+        ip_out = torch.zeros_like(hidden_states)
+        for states, scale, to_k_ip, to_v_ip in zip(
+            carry.ip_hidden_states or (), weights.scale, weights.to_k_ip, weights.to_v_ip
+        ):
+            ip_key = to_k_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+            ip_value = to_v_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+            # IP cross-attention stays dense: PyTorch SDPA as diffusers' native backend calls it
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                *(t.permute(0, 2, 1, 3) for t in (ip_query, ip_key, ip_value)), dropout_p=0.0, is_causal=False
+            ).permute(0, 2, 1, 3)
+            ip_out += scale * attended.reshape(batch, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
+        return hidden_states, encoder_hidden_states, ip_out
+
+
+class DiffAccelFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
+    """A ``FluxIPAdapterAttnProcessor`` whose attention runs diffaccel's processor.
+
+    It owns the original's ``to_k_ip``/``to_v_ip`` modules (the same objects, so ``state_dict`` keys, device moves
+    and ``set_ip_adapter_scale`` behave as with the stock processor) and passes every call to the diffaccel
+    processor, whose :class:`FluxIPAdapterAttentionAdapter` adds the IP-adapter attention. ``isinstance`` checks
+    for ``FluxIPAdapterAttnProcessor`` in diffusers (``unload_ip_adapter``, scale setting) hold.
+    """
+
+    def __init__(self, original: FluxIPAdapterAttnProcessor, processor: Any) -> None:
+        torch.nn.Module.__init__(self)
+        self.__dict__["original"] = original  # not a submodule: its weights are registered once, below
+        self.hidden_size = original.hidden_size
+        self.cross_attention_dim = original.cross_attention_dim
+        self.to_k_ip = original.to_k_ip
+        self.to_v_ip = original.to_v_ip
+        self.__dict__["diffaccel_processor"] = processor
+
+    @property
+    def scale(self) -> list[float]:
+        """The original's IP scales (``set_ip_adapter_scale`` sets them here; ``diffaccel.remove`` keeps them)."""
+        return self.__dict__["original"].scale
+
+    @scale.setter
+    def scale(self, value: list[float]) -> None:
+        self.__dict__["original"].scale = value
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ) -> Any:
+        return self.diffaccel_processor(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+            ip_hidden_states=ip_hidden_states,
+        )
+
+
+register_processor_wrapper("FluxIPAdapterAttnProcessor", DiffAccelFluxIPAdapterAttnProcessor)
 
 
 def _single_stream_text_len(ctx: RunContext, num_tokens: int, joint_text_len: int | None) -> int:
@@ -179,17 +276,28 @@ _GRIDS = TensorMemo()
 only the first denoiser call of a run reads them (``torch.unique``/``torch.equal`` synchronise with the device)."""
 
 
-def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int], int | None]:
+def _flux_grid_or_none(img_ids: torch.Tensor, num_visual: int) -> tuple[int, int] | None:
+    """:func:`flux_grid`, or ``None`` when the ids are not one row-major grid (the call's grid is then unknown)."""
+    try:
+        return flux_grid(img_ids, num_visual)
+    except LayoutError:
+        return None
+
+
+def _read_flux_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int] | None, int | None]:
+    """Grid from ``img_ids`` when they form one row-major grid, else ``None``: the stock model runs any ids (tests
+    pass random ones, Kontext appends reference latents), so an unreadable grid never refuses the forward; the
+    adapters mark the layout unknown and methods that need a grid fall back to dense (or raise when strict)."""
     img_ids = args.get("img_ids")
-    if img_ids is None:
-        raise LayoutError("the FLUX transformer was called without img_ids; they give the latent grid")
-    num_visual = int(args["hidden_states"].shape[1])
+    hidden_states = args.get("hidden_states")
     encoder_hidden_states = args.get("encoder_hidden_states")
     text_len = None if encoder_hidden_states is None else int(encoder_hidden_states.shape[1])
-    if torch.compiler.is_compiling():
+    if img_ids is None or hidden_states is None or hidden_states.ndim != 3:
+        return None, text_len
+    num_visual = int(hidden_states.shape[1])
+    if torch.compiler.is_compiling():  # no value reads while tracing: the announced grid, checked against shapes
         return _announced_grid(model, img_ids, num_visual), text_len
-    grid = _GRIDS.get(img_ids, lambda ids: flux_grid(ids, num_visual))
-    return grid, text_len
+    return _GRIDS.get(img_ids, lambda ids: _flux_grid_or_none(ids, num_visual)), text_len
 
 
 def _announced_grid(model: torch.nn.Module, img_ids: torch.Tensor, num_visual: int) -> tuple[int, int]:

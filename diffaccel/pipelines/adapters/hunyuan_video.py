@@ -42,7 +42,7 @@ from diffaccel.pipelines.adapters.base import (
     register_adapter,
     register_family,
     register_processor_inference,
-    resolve_grid,
+    grid_or_unknown,
 )
 from diffaccel.pipelines.adapters.padding import trailing_padding_lengths
 
@@ -130,9 +130,11 @@ class HunyuanVideoAttentionAdapter(Adapter):
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         num_tokens = query.shape[2]
         num_video = num_tokens - num_text
+        grid, _, unknown = grid_or_unknown(ctx, num_video, video=True)
         layout = TokenLayout(
             num_tokens=num_tokens,
-            grid=resolve_grid(ctx, num_video, video=True),
+            grid=grid,
+            unknown=unknown,
             text=slice(num_video, num_tokens) if text is not None else None,
             text_lengths=self.text_lengths(ctx, call.attention_mask, query.shape[0], num_video, num_text),
         )

@@ -34,22 +34,21 @@ from diffaccel.pipelines.adapters.base import (
     TensorMemo,
     merge_heads,
     register_adapter,
+    grid_or_unknown,
     register_family,
-    resolve_grid,
 )
-from diffaccel.warn import warn_once
 
 
-def _self_attention_grid(ctx: RunContext, num_tokens: int) -> Grid | None:
-    """The grid of a self-attention call; ``None`` (dense) when the hook ran but found no regular grid."""
+def _self_attention_grid(ctx: RunContext, num_tokens: int) -> tuple[Grid | None, str | None]:
+    """The grid of a self-attention call, or ``(None, reason)`` when it cannot be derived (the hook ran but found
+    no regular grid, or no hook ran): the call then runs dense, methods that need a grid fall back or, strict, raise."""
     if ctx.grid is None and ctx.denoiser_calls > 0:
-        warn_once(
-            "ltx-no-grid",
+        return None, (
             "LTX-Video's token grid is unknown for this call (no num_frames/height/width, and video_coords that "
-            "do not form a regular grid, e.g. with conditioning tokens prepended); its self-attention runs dense.",
+            "do not form a regular grid, e.g. with conditioning tokens prepended)"
         )
-        return None
-    return resolve_grid(ctx, num_tokens, video=True)
+    grid, _, unknown = grid_or_unknown(ctx, num_tokens, video=True)
+    return grid, unknown
 
 
 @register_adapter
@@ -81,7 +80,8 @@ class LTXVideoAttentionAdapter(Adapter):
         if context is not None:
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
         else:
-            layout = TokenLayout(num_tokens=num_tokens, grid=_self_attention_grid(ctx, num_tokens))
+            grid, unknown = _self_attention_grid(ctx, num_tokens)
+            layout = TokenLayout(num_tokens=num_tokens, grid=grid, unknown=unknown)
         return Projected(query, key, value, layout, attn_mask=attention_mask, carry=query.dtype)  # finish needs only the projections' dtype
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:

@@ -26,8 +26,8 @@ from diffaccel.pipelines.adapters.base import (
     merge_heads,
     register_adapter,
     register_family,
+    grid_or_unknown,
     register_processor_inference,
-    resolve_grid,
     split_heads,
 )
 
@@ -42,11 +42,15 @@ class JointCarry:
     dtype: torch.dtype
 
 
-def joint_layout(grid: Grid, num_image: int, num_text: int | None) -> TokenLayout:
-    """Layout of ``num_image`` image tokens followed by ``num_text`` text tokens (``None``: image-only call)."""
+def joint_layout(ctx: RunContext, num_image: int, num_text: int | None) -> TokenLayout:
+    """Layout of ``num_image`` image tokens followed by ``num_text`` text tokens (``None``: image-only call); the
+    grid from the run context, or unknown (:attr:`TokenLayout.unknown`) when it cannot be derived."""
+    grid, _, unknown = grid_or_unknown(ctx, num_image)
     if num_text is None:
-        return TokenLayout(num_tokens=num_image, grid=grid)
-    return TokenLayout(num_tokens=num_image + num_text, grid=grid, text=slice(num_image, num_image + num_text))
+        return TokenLayout(num_tokens=num_image, grid=grid, unknown=unknown)
+    return TokenLayout(
+        num_tokens=num_image + num_text, grid=grid, text=slice(num_image, num_image + num_text), unknown=unknown
+    )
 
 
 @register_adapter
@@ -93,7 +97,7 @@ class JointAttentionAdapter(Adapter):
             value = torch.cat([value, text_value], dim=2)
 
         return Projected(
-            query, key, value, joint_layout(resolve_grid(ctx, num_image), num_image, num_text),
+            query, key, value, joint_layout(ctx, num_image, num_text),
             carry=JointCarry(num_image=num_image, joint=num_text is not None, dtype=query.dtype),
         )
 
@@ -145,7 +149,7 @@ class FusedJointAttentionAdapter(Adapter):
         value = split_heads(torch.cat([value, text_value], dim=1), attn.heads)
 
         return Projected(
-            query, key, value, joint_layout(resolve_grid(ctx, num_image), num_image, num_text),
+            query, key, value, joint_layout(ctx, num_image, num_text),
             carry=JointCarry(num_image=num_image, joint=True, dtype=query.dtype),
         )
 

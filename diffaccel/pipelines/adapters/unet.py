@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffaccel.context import RunContext
+from diffaccel.errors import LayoutError
 from diffaccel.layout import TokenLayout
 from diffaccel.pipelines.adapters.base import (
     Adapter,
@@ -96,6 +97,15 @@ class UNetAttentionAdapter(Adapter):
         level = downsampled_level(largest, num_tokens)
         return (grid, level[1]) if level is not None and level[0] == grid else (grid, 1)
 
+    def qkv(
+        self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections, ``(batch, tokens, channels)`` each; keys and values from the (normed) text for
+        cross-attention."""
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        return query, attn.to_k(context), attn.to_v(context)
+
     def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
         hidden_states = call.hidden_states
         encoder_hidden_states = call.encoder_hidden_states
@@ -121,14 +131,10 @@ class UNetAttentionAdapter(Adapter):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
         is_cross = encoder_hidden_states is not None
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
+        if is_cross and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = self.qkv(attn, hidden_states, encoder_hidden_states)
 
         query, key, value = (split_heads(t, attn.heads) for t in (query, key, value))
         if attn.norm_q is not None:
@@ -143,11 +149,15 @@ class UNetAttentionAdapter(Adapter):
             # a text-only self-attention (HunyuanVideo's token refiner): no visual grid, so methods keep it dense
             layout = TokenLayout(num_tokens=num_tokens, grid=None, text=slice(0, num_tokens))
         else:
-            grid, factor = self._level(ctx, num_tokens, shape4d)
-            layout = TokenLayout(
-                num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True),
-                finest_downsample=self._finest_factor(ctx, factor),
-            )
+            try:
+                grid, factor = self._level(ctx, num_tokens, shape4d)
+            except LayoutError as exc:  # stock runs any token count: dense runs, grid methods fall back
+                layout = TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc))
+            else:
+                layout = TokenLayout(
+                    num_tokens=num_tokens, grid=grid, downsample=factor, hierarchical=is_hierarchical(attn, True),
+                    finest_downsample=self._finest_factor(ctx, factor),
+                )
         return Projected(
             query, key, value, layout, attn_mask=attention_mask,
             carry=UNetCarry(residual=residual, shape4d=shape4d, dtype=query.dtype),
@@ -164,6 +174,25 @@ class UNetAttentionAdapter(Adapter):
         if attn.residual_connection:
             hidden_states = hidden_states + carry.residual
         return hidden_states / attn.rescale_output_factor
+
+
+@register_adapter
+class FusedUNetAttentionAdapter(UNetAttentionAdapter):
+    """``FusedAttnProcessor2_0`` (``UNet2DConditionModel.fuse_qkv_projections``): one ``to_qkv`` projection for
+    self-attention, ``to_q`` and one ``to_kv`` for cross-attention; otherwise ``AttnProcessor2_0``."""
+
+    stock_processors = ("FusedAttnProcessor2_0",)
+
+    def qkv(
+        self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+            return query, key, value
+        kv = attn.to_kv(encoder_hidden_states)
+        key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        return attn.to_q(hidden_states), key, value
 
 
 def _read_unet_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[tuple[int, int], None]:

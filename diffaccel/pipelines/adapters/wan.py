@@ -29,7 +29,7 @@ from diffaccel.pipelines.adapters.base import (
     patchified_video_grid,
     register_adapter,
     register_family,
-    resolve_grid,
+    grid_or_unknown,
 )
 
 WAN_TEXT_TOKENS = 512
@@ -99,7 +99,8 @@ class WanAttentionAdapter(Adapter):
         if context is not None:
             layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
         else:
-            layout = TokenLayout(num_tokens=num_tokens, grid=resolve_grid(ctx, num_tokens, video=True))
+            grid, _, unknown = grid_or_unknown(ctx, num_tokens, video=True)
+            layout = TokenLayout(num_tokens=num_tokens, grid=grid, unknown=unknown)
         return Projected(query, key, value, layout, attn_mask=call.attention_mask, carry=image_context)  # the I2V image context (None for T2V)
 
     def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
