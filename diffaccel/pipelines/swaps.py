@@ -76,7 +76,7 @@ def announce_left(model: torch.nn.Module, left: dict[str, Any], processor: DiffA
         warn_once(
             f"swap-left:{type(model).__name__}:{cls}",
             f"diffaccel: {len(names)} attention module(s) of {type(model).__name__} run {cls}, which holds its own "
-            f"weights (IP-adapter); diffaccel leaves them on it, so {processor.method.name!r} does not run there "
+            f"weights (IP-adapter); diffaccel leaves them on it, so {getattr(processor.method, 'name', type(processor.method).__name__)!r} does not run there "
             f"(e.g. {names[0]}; IP-adapter attention is dense). The method runs on every other attention module.",
         )
 
@@ -112,7 +112,7 @@ def check_processors(model: torch.nn.Module, inst: Any) -> None:
         else:
             inst.left[name] = current
             replaced[name] = current
-    method = processor.method.name
+    method = getattr(processor.method, "name", type(processor.method).__name__)
     for cls, names in _by_class(taken).items():
         warn_once(
             f"swap-taken:{type(model).__name__}:{cls}",
