@@ -558,7 +558,7 @@ TINY_PIPELINES: dict[str, TinySpec] = {
 def _register_trained() -> None:
     from diffaccel.pipelines.trained import register
 
-    register(TINY_PIPELINES)
+    register(TINY_PIPELINES, TinySpec)
 
 
 _register_trained()  # the trained pipelines (shipped weights) join the registry

@@ -45,9 +45,9 @@ def training_record(name: str, folder: Path | None = None) -> dict[str, Any]:
     return read_header(weights_path(name, folder))["training"]
 
 
-def register(registry: dict[str, Any]) -> None:
-    """Add the trained pipelines to the tiny registry (called once by :mod:`diffaccel.pipelines.tiny`)."""
-    from diffaccel.pipelines.tiny import TinySpec
+def register(registry: dict[str, Any], TinySpec: Any) -> None:
+    """Add the trained pipelines to the tiny registry (called once by :mod:`diffaccel.pipelines.tiny`, which
+    passes its ``TinySpec`` class: this package never imports the tiny module, so there is no import cycle)."""
     from diffaccel.pipelines.trained.components import FLUX_TEXT_LEN, WAN_TEXT_LEN
 
     for spec in (

@@ -133,6 +133,20 @@ def word_t5_tokenizer(model_max_length: int):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+def byte_clip_tokenizer(model_max_length: int):
+    """A CLIP byte-level BPE tokenizer over the 256 byte symbols, no merges (every prompt tokenizes byte by byte)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
 T5_VOCAB = 256
 """Embedding rows of the tiny T5/UMT5 encoders (the word tokenizer has ~220 pieces)."""
 
@@ -188,8 +202,6 @@ def flux_pipeline(transformer_config: dict[str, Any] | None = None):
     """A FluxPipeline of the trained image model's architecture with fresh (untrained) denoiser weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from diffaccel.pipelines.tiny import clip_tokenizer
-
     cfg = dict(FLUX_TRANSFORMER, **(transformer_config or {}))
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -199,7 +211,7 @@ def flux_pipeline(transformer_config: dict[str, Any] | None = None):
         scheduler=scheduler,
         vae=PixelAutoencoder(),
         text_encoder=clip_encoder(cfg["pooled_projection_dim"]),
-        tokenizer=clip_tokenizer(77),
+        tokenizer=byte_clip_tokenizer(77),
         text_encoder_2=t5_encoder(cfg["joint_attention_dim"], umt5=False),
         tokenizer_2=word_t5_tokenizer(FLUX_TEXT_LEN),
         transformer=FluxTransformer2DModel(**cfg),
