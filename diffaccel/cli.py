@@ -63,6 +63,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("diffaccel.eval.command", "eval_command", "Evaluate methods against dense: speed, fidelity, FID/KID, CLIP, video; one report."),
     "headhunt": ("diffaccel.pipelines.headhunt", "headhunt_command",
                  "Search the attention heads whose SoftPAG perturbation maximises OBJECTIVE and write them as JSON."),
+    "train-tiny": ("diffaccel.pipelines.trained.train", "train_tiny_command",
+                   "Train tiny-flux-trained / tiny-wan-trained on procedural shapes from a seed; write fp16 safetensors."),
 }
 """Commands whose module imports torch at module level: name -> (module, function, one-line help)."""
 
@@ -95,10 +97,10 @@ def generate(
     method: Annotated[str, typer.Option("--method", "-m", help="Attention method (see `diffaccel methods`).")],
     model: Annotated[
         Optional[str],
-        typer.Option(help="Tiny pipeline name, Hub id or local folder. Default: tiny-flux without CUDA, "
+        typer.Option(help="Tiny pipeline name, Hub id or local folder. Default: tiny-flux-trained without CUDA, "
                      "black-forest-labs/FLUX.1-dev with CUDA."),
     ] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Text prompt.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt (default: the tiny model's caption, else a fox).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
     height: Annotated[Optional[int], typer.Option(min=1, help="Height in pixels (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(min=1, help="Width in pixels (default: the model's).")] = None,
@@ -136,14 +138,14 @@ def generate(
 
         if not multigpu.under_torchrun():  # this process launches N ranks of the same command and waits
             raise SystemExit(multigpu.relaunch(cp, _ARGV if _ARGV is not None else sys.argv[1:]))
-    from diffaccel.run import DEFAULT_PROMPT, GenerateOptions, generate as run_generate, parse_method_params, results_table
+    from diffaccel.run import GenerateOptions, default_prompt, generate as run_generate, parse_method_params, results_table
     from diffaccel.run import overhead_line
 
     options = GenerateOptions(
         method=method,
         params=parse_method_params(set_),
         model=model,
-        prompt=DEFAULT_PROMPT if prompt is None else prompt,
+        prompt=default_prompt(model) if prompt is None else prompt,
         steps=steps,
         height=height,
         width=width,
@@ -323,7 +325,7 @@ def models() -> None:
     """List the tiny offline pipelines (any diffusers Hub id or saved folder is accepted too)."""
     from diffaccel.pipelines.tiny import TINY_PIPELINES
 
-    table = Table(title="tiny offline pipelines (random weights; --model NAME)")
+    table = Table(title="tiny offline pipelines (random weights, *-trained: trained on procedural shapes; --model NAME)")
     table.add_column("name", no_wrap=True)
     table.add_column("defaults")
     table.add_column("pipeline and model")

@@ -37,10 +37,11 @@ from diffaccel.pipelines.loading import load_pipeline, resolve_device, resolve_d
 from diffaccel.pipelines.tiny import is_tiny, tiny_spec
 
 DEFAULT_PROMPT = "a red fox in a snowy forest at golden hour, detailed fur"
-DEFAULT_TINY_MODEL = "tiny-flux"
+DEFAULT_TINY_MODEL = "tiny-flux-trained"
+RANDOM_TINY_MODEL = "tiny-flux"
 DEFAULT_CUDA_MODEL = "black-forest-labs/FLUX.1-dev"
 """The default model: FLUX.1-dev on a CUDA machine (gated on the Hub: accept its license and log in first),
-the tiny offline FLUX pipeline elsewhere."""
+the trained tiny FLUX pipeline elsewhere (the random tiny-flux if its shipped weights are missing)."""
 
 DEFAULT_WARMUP = 2
 """Untimed calls of each side before the timed ones (first calls pay one-time costs, on the CPU as well; with
@@ -54,7 +55,16 @@ VIDEO_FPS = {"Wan": 16, "CogVideoX": 8, "LTX": 24, "HunyuanVideo": 24}
 
 
 def default_model() -> str:
-    return DEFAULT_CUDA_MODEL if torch.cuda.is_available() else DEFAULT_TINY_MODEL
+    if torch.cuda.is_available():
+        return DEFAULT_CUDA_MODEL
+    return DEFAULT_TINY_MODEL if is_tiny(DEFAULT_TINY_MODEL) else RANDOM_TINY_MODEL
+
+
+def default_prompt(model: str | None) -> str:
+    """The prompt used when none is given: the model's own (trained tiny models know only their captions)."""
+    name = model or default_model()
+    prompt = tiny_spec(name).prompt if is_tiny(name) else None
+    return prompt or DEFAULT_PROMPT
 
 
 # ----------------------------------------------------------------------------------------------- options

@@ -79,6 +79,8 @@ def test_deterministic_from_seeds(pipes, name):
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), comp
     assert torch.equal(run(a, name, seed=3), run(b, name, seed=3))
+    if tiny_spec(name).trained:  # shipped weights: every seed loads the same file
+        return
     other = denoisers_of(build_tiny(name, seed=1))[0].state_dict()
     mine = denoisers_of(a)[0].state_dict()
     assert any(not torch.equal(mine[k], other[k]) for k in mine)  # another seed, other weights

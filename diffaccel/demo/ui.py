@@ -31,12 +31,13 @@ from diffaccel.demo.visuals import colormap, mask_image  # noqa: E402
 from diffaccel.errors import DiffAccelError  # noqa: E402
 from diffaccel.methods.base import get_method, list_methods  # noqa: E402
 from diffaccel.pipelines.tiny import tiny_names, tiny_spec  # noqa: E402
+from diffaccel.run import DEFAULT_TINY_MODEL, default_prompt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny-flux"
+DEFAULT_MODEL = DEFAULT_TINY_MODEL  # the trained tiny FLUX (issue 18): one place, diffaccel.run
 DEFAULT_METHOD_B = "gna"
-DEFAULT_PROMPT = "a red fox in a snowy forest at golden hour, detailed fur"
+DEFAULT_PROMPT = default_prompt(DEFAULT_MODEL)
 NO_MASK = "no block mask (dense/linear method)"
 SIDES = ("A", "B")
 IMAGE_HEIGHT = 360

@@ -477,6 +477,8 @@ class TinySpec:
         height, width, steps, frames: default call size; ``frames`` is ``None`` for image pipelines.
         extra: further call keywords (short T5 prompts, a guidance scale).
         description: one line for ``diffaccel methods``-style listings.
+        trained: the weights are trained (:mod:`diffaccel.pipelines.trained`): not sharpened, not re-drawn.
+        prompt: the prompt ``diffaccel generate`` uses when none is given (``None``: the generic default).
     """
 
     name: str
@@ -489,6 +491,8 @@ class TinySpec:
     frames: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    trained: bool = False
+    prompt: str | None = None
 
     def call_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Keywords for ``pipe(prompt, **kwargs)``: the default size and steps, the extras, then ``overrides``."""
@@ -551,6 +555,15 @@ TINY_PIPELINES: dict[str, TinySpec] = {
 }
 
 
+def _register_trained() -> None:
+    from diffaccel.pipelines.trained import register
+
+    register(TINY_PIPELINES, TinySpec)
+
+
+_register_trained()  # the trained pipelines (shipped weights) join the registry
+
+
 def tiny_names() -> list[str]:
     return list(TINY_PIPELINES)
 
@@ -603,12 +616,14 @@ def build_tiny(name: str, *, seed: int = 0) -> Any:
     """Build the tiny pipeline ``name`` on the CPU in float32 with weights drawn from ``seed``.
 
     The same name and seed give the same weights, in any process. Denoiser attention is sharpened
-    (:data:`QK_GAIN`).
+    (:data:`QK_GAIN`). Trained pipelines load their shipped weights (``seed`` does not change them).
     """
     spec = tiny_spec(name)
     with _seeded(seed):
         pipe = spec.build_fn()
     for attr in ("transformer", "transformer_2", "unet"):
+        if spec.trained:
+            break
         denoiser = getattr(pipe, attr, None)
         if denoiser is not None:
             sharpen_attention(denoiser)

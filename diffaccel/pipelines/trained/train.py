@@ -1,0 +1,293 @@
+"""Training of the trained tiny pipelines: rectified flow on procedural data, CPU-friendly, resumable output.
+
+Recipe (Liu et al. 2022, "Flow Straight and Fast"; Esser et al. 2024, "Scaling Rectified Flow Transformers" for
+the logit-normal timestep density): ``x_t = (1 - t) x_0 + t e``, the denoiser predicts ``e - x_0`` (the
+convention of FLUX's and Wan's flow-matching schedulers), ``t = sigmoid(n)``, ``n ~ N(0, 1)``. AdamW with a
+short warm-up and a cosine decay over the wall-time budget, an EMA of the weights (what is saved), and null
+caption dropout (the empty prompt, which FluxPipeline's ``negative_prompt=""`` and WanPipeline's default
+negative prompt encode) so both pipelines can run classifier-free guidance.
+
+The text encoders are frozen (random, seeded); caption embeddings are computed once per distinct caption.
+Weights are written every ``checkpoint_seconds`` and at the end, so an interrupted run still leaves a file.
+
+    diffaccel train-tiny --model tiny-flux-trained --minutes 25 --out weights/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from diffaccel.errors import ConfigError
+from diffaccel.pipelines.trained import data as D
+from diffaccel.pipelines.trained import components as C
+from diffaccel.pipelines.trained.weights_io import save_pipeline_weights
+
+TRAINABLE = ("tiny-flux-trained", "tiny-wan-trained")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the shipped models' settings (chosen by a CPU pilot, see the README)."""
+
+    model: str = "tiny-flux-trained"
+    minutes: float = 25.0
+    max_steps: int = 0  # 0: until the time budget is spent
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    null_prob: float = 0.1
+    seed: int = 0
+    checkpoint_seconds: float = 120.0
+    log_every: int = 10
+    train_text: bool = True
+    resume: Optional[str] = None  # a weights file of the same model to start from (fine-tuning)
+    transformer_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in TRAINABLE:
+            raise ConfigError(f"model={self.model!r}: trainable models are {', '.join(TRAINABLE)}")
+        if self.minutes <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"minutes={self.minutes}, max_steps={self.max_steps}: one must be > 0")
+        if self.batch < 1:
+            raise ConfigError(f"batch={self.batch}: must be >= 1")
+
+
+class Trainer:
+    """Holds the pipeline, the optimiser, the EMA and the caption-embedding cache of one run."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.video = cfg.model == "tiny-wan-trained"
+        self.pipe = (C.wan_pipeline if self.video else C.flux_pipeline)(cfg.transformer_config)
+        if cfg.resume:
+            from diffaccel.pipelines.trained.weights_io import load_pipeline_weights
+
+            self.resumed_from = load_pipeline_weights(self.pipe, Path(cfg.resume), cfg.model)["training"]
+        names = ["transformer"] + ([n for n in ("text_encoder", "text_encoder_2") if getattr(self.pipe, n, None) is not None]
+                                   if cfg.train_text else [])
+        self.online = {n: getattr(self.pipe, n).train() for n in names}
+        self.model = self.online["transformer"]
+        self.ema_modules = {n: copy.deepcopy(m).eval().requires_grad_(False) for n, m in self.online.items()}
+        self.ema = self.ema_modules["transformer"]
+        params = [p for m in self.online.values() for p in m.parameters()]
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.step = 0
+        if not self.video:
+            from diffusers import FluxPipeline
+
+            self._img_ids = FluxPipeline._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32)
+            self._txt_ids = torch.zeros(C.FLUX_TEXT_LEN, 3)
+
+    # -------------------------------------------------------------------------------------------- data
+
+    @contextlib.contextmanager
+    def using(self, which: str) -> Iterator[None]:
+        """Run the pipeline with the ``"online"`` or the ``"ema"`` copies of the trained modules."""
+        saved = {n: getattr(self.pipe, n) for n in self.online}
+        for n in self.online:
+            setattr(self.pipe, n, (self.online if which == "online" else self.ema_modules)[n])
+        try:
+            yield
+        finally:
+            for n, m in saved.items():
+                setattr(self.pipe, n, m)
+
+    def _embed_batch(self, caps: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption embeddings: through the (trained) text encoders, or from the cache when they are frozen."""
+        if not self.cfg.train_text:
+            embeds = [self._embed(c) for c in caps]
+            pe = torch.stack([e[0] for e in embeds])
+            return pe, None if self.video else torch.stack([e[1] for e in embeds])
+        if self.video:
+            pe, _ = self.pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=C.WAN_TEXT_LEN)
+            return pe, None
+        pe, pooled, _ = self.pipe.encode_prompt(caps, prompt_2=None, max_sequence_length=C.FLUX_TEXT_LEN)
+        return pe, pooled
+
+    @torch.no_grad()
+    def _embed(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if caption not in self._cache:
+            if self.video:
+                pe, _ = self.pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=C.WAN_TEXT_LEN)
+                self._cache[caption] = (pe[0], None)
+            else:
+                pe, pooled, _ = self.pipe.encode_prompt(caption, prompt_2=None, max_sequence_length=C.FLUX_TEXT_LEN)
+                self._cache[caption] = (pe[0], pooled[0])
+        return self._cache[caption]
+
+    def batch(self, n: int, gen: torch.Generator, null_prob: float) -> tuple[torch.Tensor, list[str]]:
+        """Clean latents (packed tokens for FLUX, packer latents for Wan) and captions (some nulled)."""
+        if self.video:
+            x, caps = D.video_batch(n, gen)
+            x0 = self.pipe.vae.pack(x)
+        else:
+            x, caps = D.image_batch(n, gen)
+            from diffusers import FluxPipeline
+
+            x0 = FluxPipeline._pack_latents(x, n, 3, 32, 32)
+        drop = torch.rand(n, generator=gen) < null_prob
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        return x0, caps
+
+    def predict(self, model: torch.nn.Module, xt: torch.Tensor, t: torch.Tensor, caps: list[str]) -> torch.Tensor:
+        pe, pooled = self._embed_batch(caps)
+        if self.video:
+            return model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=pe, return_dict=False)[0]
+        return model(
+            hidden_states=xt, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled,
+            txt_ids=self._txt_ids, img_ids=self._img_ids, return_dict=False,
+        )[0]
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, caps: list[str], gen: torch.Generator) -> torch.Tensor:
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+        e = torch.randn(x0.shape, generator=gen)
+        tb = t.view(-1, *([1] * (x0.dim() - 1)))
+        xt = (1 - tb) * x0 + tb * e
+        return torch.nn.functional.mse_loss(self.predict(model, xt, t, caps), e - x0)
+
+    @torch.no_grad()
+    def eval_loss(self, model: torch.nn.Module | None = None, n: int = 32, seed: int = 1234) -> float:
+        """Loss on a fixed batch (fixed data, times and noise): comparable across steps."""
+        which = "ema" if model is self.ema else "online"
+        model = model or self.model
+        was = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(seed)
+        x0, caps = self.batch(n, g, 0.0)
+        with self.using(which):
+            out = float(self.loss(model, x0, caps, g))
+        model.train(was)
+        return out
+
+    # -------------------------------------------------------------------------------------------- step
+
+    def lr_at(self, step: int, frac: float) -> float:
+        warm = min(1.0, (step + 1) / max(self.cfg.warmup_steps, 1))
+        return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def train_step(self, frac: float) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step, frac)
+        x0, caps = self.batch(self.cfg.batch, self.data_gen, self.cfg.null_prob)
+        loss = self.loss(self.model, x0, caps, self.noise_gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.step += 1
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for n, online in self.online.items():
+                for pe, pm in zip(self.ema_modules[n].parameters(), online.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        return float(loss.detach())
+
+    def save(self, path: Path, training: dict[str, Any]) -> None:
+        with self.using("ema"):
+            header = {
+                "model": self.cfg.model,
+                "transformer_config": dict(C.WAN_TRANSFORMER if self.video else C.FLUX_TRANSFORMER, **self.cfg.transformer_config),
+                "training": training,
+            }
+            save_pipeline_weights(self.pipe, path, header)
+
+
+def train(cfg: TrainConfig, out: Path, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``cfg``; write ``out/<model>.safetensors`` (+ ``.json``) regularly and at the end; return the record."""
+    trainer = Trainer(cfg)
+    path = Path(out) / f"{cfg.model}.safetensors"
+    budget = cfg.minutes * 60.0 if cfg.minutes > 0 else float("inf")
+    start = time.perf_counter()
+    last_ckpt = start
+    losses: list[float] = []
+    initial = trainer.eval_loss()
+
+    def record(final: bool) -> dict[str, Any]:
+        tail = losses[-50:]
+        return {
+            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "threads": torch.get_num_threads(),
+            "steps": trainer.step,
+            "batch": cfg.batch,
+            "seconds": round(time.perf_counter() - start, 1),
+            "final_loss": round(sum(tail) / max(len(tail), 1), 5),
+            "eval_loss_initial": round(initial, 5),
+            "eval_loss_final": round(trainer.eval_loss(trainer.ema), 5) if final else None,
+            "complete": final,
+            "command": command or "diffaccel train-tiny " + shlex.join(sys.argv[2:]),
+            "config": {k: v for k, v in asdict(cfg).items()},
+            "torch": torch.__version__,
+            "resumed_from": getattr(trainer, "resumed_from", None),
+        }
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps or None, desc=cfg.model, unit="step")
+    while True:
+        elapsed = time.perf_counter() - start
+        if (cfg.max_steps and trainer.step >= cfg.max_steps) or elapsed >= budget:
+            break
+        frac = trainer.step / cfg.max_steps if cfg.max_steps else elapsed / budget
+        losses.append(trainer.train_step(frac))
+        if bar is not None:
+            bar.update(1)
+            if trainer.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / cfg.log_every:.4f}", lr=f"{trainer.lr_at(trainer.step, frac):.2e}")
+        if time.perf_counter() - last_ckpt > cfg.checkpoint_seconds:
+            trainer.save(path, record(final=False))
+            last_ckpt = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    rec = record(final=True)
+    trainer.save(path, rec)
+    return rec
+
+
+def train_tiny_command(
+    model: str = "tiny-flux-trained",
+    minutes: float = 25.0,
+    out: Path = Path("."),
+    steps: int = 0,
+    batch: int = 0,
+    lr: float = 2e-3,
+    seed: int = 0,
+    threads: Optional[int] = None,
+    resume: Optional[Path] = None,
+    train_text: bool = True,
+) -> None:
+    """Train a trained tiny pipeline (tiny-flux-trained, tiny-wan-trained) from SEED; write OUT/<model>.safetensors.
+
+    Shipped weights: ``--out diffaccel/pipelines/trained/weights``. ``--batch 0``: 16 images or 8 videos.
+    ``--threads``: torch CPU threads (default: torch's). ``--resume FILE``: fine-tune from a weights file.
+    ``--no-train-text``: keep the random text encoders frozen.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads}: must be >= 1")
+        torch.set_num_threads(threads)
+    if batch == 0:
+        batch = 8 if model == "tiny-wan-trained" else 16
+    cfg = TrainConfig(model=model, minutes=minutes, max_steps=steps, batch=batch, lr=lr, seed=seed,
+                      resume=str(resume) if resume else None, train_text=train_text)
+    rec = train(cfg, out)
+    print(f"{model}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}, "
+          f"eval loss {rec['eval_loss_initial']} -> {rec['eval_loss_final']}; wrote {Path(out) / (model + '.safetensors')}")

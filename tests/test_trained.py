@@ -1,0 +1,117 @@
+"""Quality of the shipped trained tiny pipelines (issue 18), on the CPU in seconds, deterministic (fixed seeds).
+
+Bounds are set below what the shipped weights measure (numbers in the README), with margin; each is compared
+with the random model of the same architecture where the issue asks for it. The issue's caption-colour target
+(>= 90 % with guidance) is NOT met by the weights trained on this CPU (measured 6 %, README): that test is a
+strict xfail, so it turns into a failure (XPASS) the day better weights ship and the marker must go.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffaccel.pipelines.tiny import TINY_PIPELINES, build_tiny, tiny_spec
+from diffaccel.pipelines.trained import IMAGE_MODEL, VIDEO_MODEL, WEIGHTS_DIR, training_record
+from diffaccel.pipelines.trained import components as C
+from diffaccel.pipelines.trained.quality import (
+    EVAL_CAPTIONS, image_locality, read_clip, sample_eval_set, score_images, uniform_share,
+)
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def trained():
+    pipe = build_tiny(IMAGE_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """The image model's architecture with the random initial weights of its training run (seed 0)."""
+    torch.manual_seed(0)
+    pipe = C.flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def samples(trained):
+    return sample_eval_set(trained, seeds=(0, 1), steps=STEPS)
+
+
+def test_shipped_weights_are_small_fp16_and_say_how_they_were_trained():
+    from safetensors import safe_open
+
+    total = 0
+    for name in (IMAGE_MODEL, VIDEO_MODEL):
+        assert name in TINY_PIPELINES and tiny_spec(name).trained
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        total += path.stat().st_size
+        with safe_open(str(path), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        rec = training_record(name)
+        assert rec["complete"] and rec["steps"] > 100 and rec["seconds"] > 60
+        assert rec["device"] and rec["command"].startswith("diffaccel train-tiny --model " + name)
+        first = rec.get("resumed_from") or rec  # a fine-tune records the run it started from
+        assert rec["eval_loss_final"] < 0.5 * first["eval_loss_initial"]
+    assert total < 8 * 2**20
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 target not reached by the CPU-trained weights (6 % measured)")
+def test_caption_colours_with_guidance(samples):
+    images, asked = samples
+    s = score_images(images, asked)
+    print(f"\nbackground {s.background:.0%} shape colour {s.colour:.0%} both {s.both:.0%} shape {s.shape:.0%} (n={s.n})")
+    assert s.n == 2 * len(EVAL_CAPTIONS)
+    assert s.both >= 0.9
+
+
+def test_untrained_model_does_not_pass_the_colour_test(untrained):
+    images, asked = sample_eval_set(untrained, seeds=(0,), steps=4)
+    assert score_images(images, asked).both < 0.3
+
+
+def test_attention_is_local_unlike_the_random_model(trained, untrained):
+    uniform = uniform_share((16, 16), (2, 2), C.FLUX_TEXT_LEN)
+    ours = image_locality(trained, "a red circle on a blue background", steps=4)
+    rand = image_locality(untrained, "a red circle on a blue background", steps=4)
+    print(f"\nuniform {uniform:.3f} trained {[round(x, 3) for x in ours]} random {[round(x, 3) for x in rand]}")
+    assert len(ours) == 5  # 2 double + 3 single blocks
+    assert max(rand) < 1.5 * uniform
+    assert max(ours) > 3 * uniform
+    assert sum(ours) / len(ours) > 1.5 * uniform
+
+
+def _psnr_dense_vs_window(pipe) -> float:
+    import diffaccel
+    from diffaccel.eval.fidelity import psnr
+
+    prompt = "a yellow triangle on a purple background"
+    kw = dict(height=32, width=32, num_inference_steps=STEPS, max_sequence_length=C.FLUX_TEXT_LEN,
+              negative_prompt="", true_cfg_scale=4.0, output_type="pt")
+    dense = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    diffaccel.apply(pipe, "gna", kernel_size=5, block_size=64, backend="reference")
+    try:
+        local = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    finally:
+        diffaccel.remove(pipe)
+    return psnr(local, dense)
+
+
+def test_a_local_window_moves_the_trained_model_far_more_than_the_random_one(trained, untrained):
+    ours, rand = _psnr_dense_vs_window(trained), _psnr_dense_vs_window(untrained)
+    print(f"\nPSNR dense vs 5x5 window: trained {ours:.1f} dB, random {rand:.1f} dB")
+    assert ours < rand - 10
+
+
+def test_video_model_loads_and_runs_as_a_wan_pipeline():
+    pipe = build_tiny(VIDEO_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "WanPipeline"
+    out = pipe("a red square moving right on a blue background", **tiny_spec(VIDEO_MODEL).call_kwargs(
+        num_inference_steps=2), generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert out.shape == (1, 9, 3, 32, 32) and torch.isfinite(out).all()
+    print("\n" + str(read_clip(out[0])))  # colours and motion are not learned yet (README)

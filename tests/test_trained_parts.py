@@ -1,0 +1,155 @@
+"""Parts of the trained tiny pipelines that need no trained weights: data, packers, tokenizer, weights file
+validation, and a training smoke test (a few dozen steps lower the loss) so the training code cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffaccel.errors import ConfigError, ModelLoadError
+from diffaccel.pipelines.trained import components as C
+from diffaccel.pipelines.trained import data as D
+from diffaccel.pipelines.trained.quality import classify_shape, neighbourhood_share, read_sample, uniform_share
+from diffaccel.pipelines.trained.train import TrainConfig, Trainer
+from diffaccel.pipelines.trained.weights_io import load_pipeline_weights, read_header, save_pipeline_weights
+
+
+def test_data_is_seeded_and_captions_name_what_is_drawn():
+    a, ca = D.image_batch(6, torch.Generator().manual_seed(3))
+    b, cb = D.image_batch(6, torch.Generator().manual_seed(3))
+    c, _ = D.image_batch(6, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and ca == cb and not torch.equal(a, c)
+    assert a.shape == (6, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    vocab = set(D.vocabulary())
+    assert all(set(cap.split()) <= vocab for cap in ca)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scene = D.random_scene(g, D.ImageDataConfig(count_weights=(1.0, 0.0, 0.0), two_tone=0.0))
+        r = read_sample((D.render_scene(scene) + 1) / 2)
+        assert (r.background, r.colour, r.shape) == (scene.background, scene.shapes[0].colour, scene.shapes[0].shape)
+        assert scene.caption() == f"a {r.colour} {r.shape} on a {r.background} background"
+
+
+def test_two_tone_and_several_shapes_captions():
+    s = D.SceneSpec((D.ShapeSpec("circle", "red", 8, 8, 4), D.ShapeSpec("square", "blue", 20, 20, 4),
+                     D.ShapeSpec("triangle", "green", 8, 24, 4)), "white", "black")
+    assert s.caption() == "a red circle a blue square and a green triangle on a white and black background"
+    img = D.render_scene(s)
+    assert torch.allclose(img[:, 0, 31], D.palette_tensor()[D.COLOURS.index("white")])
+    assert torch.allclose(img[:, 31, 31], D.palette_tensor()[D.COLOURS.index("black")])
+
+
+def test_video_moves_the_way_the_caption_says():
+    cfg = D.VideoDataConfig()
+    for motion, axis, sign in (("left", 0, -1), ("right", 0, 1), ("up", 1, -1), ("down", 1, 1)):
+        clip = D.ClipSpec("square", "red", motion, "blue", 16.0, 16.0, 5.0)
+        track = D.clip_track(clip, cfg)
+        assert sign * (track[-1][axis] - track[0][axis]) > 8
+        assert clip.caption() == f"a red square moving {motion} on a blue background"
+    grow = D.clip_track(D.ClipSpec("circle", "red", "growing", "blue", 16, 16, 6), cfg)
+    assert grow[-1][2] > grow[0][2] * 2
+    v, caps = D.video_batch(2, torch.Generator().manual_seed(0))
+    assert v.shape == (2, 3, 9, 32, 32) and len(caps) == 2
+
+
+def test_shape_templates_classify_clean_shapes():
+    for shape in D.SHAPES:
+        for half in (5.0, 9.0):
+            m = (D.shape_mask(shape, 15.0, 17.0, half, 32) > 0.5).float()
+            assert classify_shape(m)[0] == shape
+
+
+def test_packers_are_lossless_on_random_input():
+    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    packer = C.CausalPixelPacker()
+    z = packer.encode(x).latent_dist.sample()
+    assert z.shape == (2, 24, 5, 16, 16)
+    assert torch.equal(packer.decode(z).sample, x)
+    # frame 0 alone in the first group; later latent frames hold 2 frames each (causal, like Wan's VAE)
+    y = x.clone()
+    y[:, :, 5] += 0.5
+    changed = (packer.pack(y) != packer.pack(x)).any(dim=(0, 1, 3, 4))
+    assert changed.tolist() == [False, False, False, True, False]  # frames 5-6 are latent frame 3
+    with pytest.raises(ValueError, match="2k\\+1"):
+        packer.pack(x[:, :, :8])
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(C.PixelAutoencoder().decode(img).sample, img)
+
+
+def test_word_tokenizer_has_one_token_per_caption_word_and_falls_back():
+    tok = C.word_t5_tokenizer(24)
+    assert tok.tokenize("a red circle on a blue background") == [
+        "\u2581a", "\u2581red", "\u2581circle", "\u2581on", "\u2581a", "\u2581blue", "\u2581background"]
+    assert "<unk>" not in tok.tokenize("a fox")  # any printable prompt tokenizes (characters)
+    assert max(tok("a red fox zz").input_ids) < C.T5_VOCAB
+
+
+def test_locality_measure_against_hand_computed_values():
+    grid = (4, 4)
+    probs = torch.zeros(1, 1, 16, 18)
+    probs[..., 2:] = torch.eye(16)  # every query attends to itself only
+    assert float(neighbourhood_share(probs, grid, (1, 1))[0]) == pytest.approx(1.0)
+    probs = torch.zeros(1, 1, 16, 18)
+    probs[..., 0] = 1.0  # all on a text key
+    assert float(neighbourhood_share(probs, grid, (1, 1))[0]) == 0.0
+    # uniform over 16 image + 2 text keys with a 3x3 window: mean window size on a 4x4 grid is 6.25 keys
+    assert uniform_share(grid, (1, 1), 2) == pytest.approx(6.25 / 18)
+
+
+def _tiny_cfg(model: str, **kw) -> TrainConfig:
+    small = dict(num_layers=1, num_single_layers=1, num_attention_heads=2) if model == "tiny-flux-trained" else dict(
+        num_layers=1, num_attention_heads=2, ffn_dim=64)
+    return TrainConfig(model=model, minutes=0, max_steps=kw.pop("steps", 30), batch=8, lr=2e-3, warmup_steps=5,
+                       transformer_config=small, **kw)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux-trained", "tiny-wan-trained"])
+def test_a_few_dozen_training_steps_lower_the_loss(model):
+    torch.manual_seed(0)
+    tr = Trainer(_tiny_cfg(model))
+    before = tr.eval_loss(n=8)
+    for i in range(30):
+        tr.train_step(i / 30)
+    after = tr.eval_loss(n=8)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_weights_round_trip_and_header_is_validated(tmp_path):
+    torch.manual_seed(0)
+    tr = Trainer(_tiny_cfg("tiny-flux-trained"))
+    path = tmp_path / "tiny-flux-trained.safetensors"
+    tr.save(path, {"device": "cpu", "steps": 0})
+    head = read_header(path)
+    assert head["model"] == "tiny-flux-trained" and head["training"]["steps"] == 0
+    assert json.loads(path.with_suffix(".json").read_text()) == head
+    other = C.flux_pipeline(head["transformer_config"])
+    load_pipeline_weights(other, path, "tiny-flux-trained")
+    for (k, a), b in zip(tr.ema.state_dict().items(), other.transformer.state_dict().values()):
+        assert torch.equal(a.half().float(), b), k  # fp16 on disk, float32 loaded
+    with pytest.raises(ModelLoadError, match="holds model"):
+        load_pipeline_weights(other, path, "tiny-wan-trained")
+    with pytest.raises(ModelLoadError, match="shape"):
+        load_pipeline_weights(C.flux_pipeline(dict(head["transformer_config"], num_attention_heads=3)), path,
+                              "tiny-flux-trained")
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad), metadata={"diffaccel_trained": "{not json"})
+    with pytest.raises(ModelLoadError, match="no valid"):
+        read_header(bad)
+    save_file({"x": torch.zeros(1)}, str(bad), metadata={"diffaccel_trained": json.dumps({"format": "x/0"})})
+    with pytest.raises(ModelLoadError, match="format"):
+        read_header(bad)
+    with pytest.raises(ModelLoadError, match="not found"):
+        read_header(tmp_path / "missing.safetensors")
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="model='tiny-sd'"):
+        TrainConfig(model="tiny-sd")
+    with pytest.raises(ConfigError, match="batch=0"):
+        TrainConfig(batch=0)
+    with pytest.raises(ConfigError, match="minutes=0"):
+        TrainConfig(minutes=0, max_steps=0)
