@@ -63,7 +63,7 @@ class PixelAutoencoder(ModelMixin, ConfigMixin):
         shift_factor: float = 0.0,
     ) -> None:
         super().__init__()
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # gives .device and .dtype
+        self.register_buffer("_anchor", torch.zeros(1))  # .device, .dtype; persistent: save_pretrained writes a file
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
         return _EncoderOutput(x) if return_dict else (_IdentityLatentDist(x),)
@@ -90,7 +90,7 @@ class CausalPixelPacker(ModelMixin, ConfigMixin):
         latents_std: tuple[float, ...] = (1.0,) * 24,
     ) -> None:
         super().__init__()
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+        self.register_buffer("_anchor", torch.zeros(1))  # persistent: save_pretrained needs a weights file
 
     def pack(self, video: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = video.shape
