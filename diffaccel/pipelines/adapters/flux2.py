@@ -76,18 +76,27 @@ def grid_from_ids(ids: torch.Tensor, num_visual: int, *, row_axis: int, col_axis
     return rows, cols
 
 
-_GRIDS = TensorMemo()
+class ReadIdsGrid:
+    """``read_inputs`` of the families whose transformer takes 4-axis ``(t, h, w, l)`` position ids (FLUX.2, FLUX.3):
+    the grid from ``img_ids`` (:func:`grid_from_ids`, memoised per ids tensor; ``None`` when they are no single grid)
+    and the text length from the encoder states. An object rather than a closure, so it pickles with its family."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._grids = TensorMemo()
+
+    def __call__(self, model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid | None, int | None]:
+        img_ids = args.get("img_ids")
+        num_visual = int(args["hidden_states"].shape[1])
+        grid = None
+        if img_ids is not None:
+            grid = self._grids.get(img_ids, lambda ids: grid_from_ids(ids, num_visual, row_axis=1, col_axis=2,
+                                                                      time_axis=0, model=self.model))
+        text = args.get("encoder_hidden_states")
+        return grid, None if text is None else int(text.shape[1])
 
 
-def _read_flux2_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid | None, int | None]:
-    img_ids = args.get("img_ids")
-    num_visual = int(args["hidden_states"].shape[1])
-    grid = None
-    if img_ids is not None:
-        grid = _GRIDS.get(img_ids, lambda ids: grid_from_ids(ids, num_visual, row_axis=1, col_axis=2, time_axis=0,
-                                                             model="FLUX.2"))
-    text = args.get("encoder_hidden_states")
-    return grid, None if text is None else int(text.shape[1])
+_read_flux2_inputs = ReadIdsGrid("FLUX.2")
 
 
 register_family(

@@ -18,17 +18,16 @@ import torch
 from diffusers.models.transformers.transformer_flux3 import Flux3AttnProcessor
 
 from diffaccel.context import RunContext
-from diffaccel.layout import Grid, TokenLayout
+from diffaccel.layout import TokenLayout
 from diffaccel.pipelines.adapters.base import (
     AttentionCall,
     ModelFamily,
-    TensorMemo,
     is_text_only,
     register_adapter,
     register_family,
 )
 from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prepare_routed
-from diffaccel.pipelines.adapters.flux2 import grid_from_ids
+from diffaccel.pipelines.adapters.flux2 import ReadIdsGrid
 
 IMAGE_MODE_BLOCKS = "mode_blocks.image."
 JOINT_BLOCKS = "single_transformer_blocks."
@@ -52,18 +51,7 @@ class Flux3Adapter(RoutedAdapter):
         return joint_layout(num_tokens, grid, num_text, text_first=True), attn_mask
 
 
-_GRIDS = TensorMemo()
-
-
-def _read_flux3_inputs(model: torch.nn.Module, args: dict[str, Any]) -> tuple[Grid | None, int | None]:
-    img_ids = args.get("img_ids")
-    num_visual = int(args["hidden_states"].shape[1])
-    grid = None
-    if img_ids is not None:
-        grid = _GRIDS.get(img_ids, lambda ids: grid_from_ids(ids, num_visual, row_axis=1, col_axis=2, time_axis=0,
-                                                             model="FLUX.3"))
-    text = args.get("encoder_hidden_states")
-    return grid, None if text is None else int(text.shape[1])
+_read_flux3_inputs = ReadIdsGrid("FLUX.3")
 
 
 register_family(
