@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import diffaccel
+from diffaccel.bench.compat import method_kwargs as compat_method_kwargs
 from diffaccel.errors import LayoutError
 from diffaccel.methods.base import get_method, list_methods, method_parameters
 from diffaccel.pipelines.compile_ops import decode_layout, encode_layout, layer_token, token_name
@@ -37,19 +38,7 @@ class CountingBackend:
 
 
 def method_kwargs(name: str, family: str) -> dict:
-    fields = {f[0] for f in method_parameters(name)}
-    kw: dict = {}
-    if "backend" in fields:
-        kw["backend"] = "reference"
-    if "block_size" in fields:
-        kw["block_size"] = 16
-    if "dense_steps" in fields:
-        kw["dense_steps"] = 0
-    if "dense_fraction" in fields:
-        kw["dense_fraction"] = 0.0
-    if name == "softpag":
-        kw["layers"] = [(FLUX_LAYERS if family == "flux" else WAN_LAYERS)[0]]
-    return kw
+    return compat_method_kwargs(name, softpag_layer=(FLUX_LAYERS if family == "flux" else WAN_LAYERS)[0])
 
 
 def build_method(name: str, family: str):

@@ -26,7 +26,10 @@ MARK_BEGIN = "<!-- compat-matrix:begin -->"
 MARK_END = "<!-- compat-matrix:end -->"
 
 
-def method_kwargs(name: str) -> dict[str, Any]:
+def method_kwargs(name: str, softpag_layer: str = "blocks.0.attn1") -> dict[str, Any]:
+    """Keywords that make method ``name`` do its work on a tiny model from the first call: the reference backend,
+    16-token blocks, no dense warm-up; SoftPAG perturbs ``softpag_layer``. Shared by the matrix and the compile
+    tests."""
     from diffaccel.methods.base import method_parameters
 
     fields = {f[0] for f in method_parameters(name)}
@@ -40,7 +43,7 @@ def method_kwargs(name: str) -> dict[str, Any]:
     if "dense_fraction" in fields:
         kw["dense_fraction"] = 0.0
     if name == "softpag":
-        kw["layers"] = ["blocks.0.attn1"]
+        kw["layers"] = [softpag_layer]
     return kw
 
 

@@ -14,7 +14,6 @@ and is the number to read for small sets; the report gives the set size beside b
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from diffaccel.errors import ConfigError
-from diffaccel.eval.metrics import Skipped, downloads_allowed, importable
+from diffaccel.eval.metrics import Skipped, downloads_allowed, missing_dependency
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 CLEANFID_CACHE = Path("/tmp")
@@ -53,10 +52,9 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 def build_extractor(weights: str | Path | None, device: torch.device) -> FeatureExtractor | Skipped:
     """clean-fid's Inception-V3 feature function, or why FID/KID cannot run."""
     name = "FID/KID"
-    if importlib.util.find_spec("cleanfid") is None:
-        return Skipped(name, "clean-fid is not installed (pip install 'diffaccel[eval]')")
-    if not importable("cleanfid.fid"):
-        return Skipped(name, "clean-fid does not import (it needs torchvision; see README: the torch pair)")
+    skipped = missing_dependency(name, "cleanfid", "cleanfid.fid", "clean-fid needs torchvision")
+    if skipped is not None:
+        return skipped
     from cleanfid.inception_torchscript import InceptionV3W
 
     if weights is not None:

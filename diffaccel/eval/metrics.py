@@ -63,6 +63,16 @@ def importable(module: str) -> bool:
     return True
 
 
+def missing_dependency(metric: str, package: str, module: str | None = None, why: str = "") -> Skipped | None:
+    """Why ``metric`` cannot run for want of ``package`` (not installed) or ``module`` (installed, but does not
+    import: ``why``), or ``None`` when both are there. The one check every optional metric starts with."""
+    if importlib.util.find_spec(package) is None:
+        return Skipped(metric, f"{package} is not installed (pip install 'diffaccel[eval]')")
+    if module is not None and not importable(module):
+        return Skipped(metric, f"{module} does not import ({why}; see README: the torch pair)")
+    return None
+
+
 def frames_of(x: torch.Tensor) -> torch.Tensor:
     """An image ``(C, H, W)`` or a video ``(F, C, H, W)`` as a batch ``(N, C, H, W)`` of float32."""
     if x.ndim == 3:
@@ -133,10 +143,9 @@ def build_lpips(weights: str | Path | None) -> Callable[[torch.Tensor, torch.Ten
     LPIPS layers ship inside torchmetrics. Without it, torchvision's own cache or download is used.
     """
     name = "LPIPS"
-    if importlib.util.find_spec("torchmetrics") is None:
-        return Skipped(name, "torchmetrics is not installed (pip install 'diffaccel[eval]')")
-    if not importable("torchvision"):
-        return Skipped(name, "torchvision does not import (its backbone needs it; see README: the torch pair)")
+    skipped = missing_dependency(name, "torchmetrics", "torchvision", "its AlexNet backbone needs it")
+    if skipped is not None:
+        return skipped
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
     if weights is not None:
@@ -197,8 +206,9 @@ def _hub_source(path_or_id: str | None, default: str, flag: str, metric: str) ->
 def build_clip_score(model: str | None) -> Callable[[torch.Tensor, str], float] | Skipped:
     """The CLIP score ``fn(output, prompt) -> float`` (mean over frames for a video), or why it cannot run."""
     name = "CLIP score"
-    if importlib.util.find_spec("torchmetrics") is None:
-        return Skipped(name, "torchmetrics is not installed (pip install 'diffaccel[eval]')")
+    skipped = missing_dependency(name, "torchmetrics")
+    if skipped is not None:
+        return skipped
     source = _hub_source(model, DEFAULT_CLIP_MODEL, "--clip-model", name)
     if isinstance(source, Skipped):
         return source
