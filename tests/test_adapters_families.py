@@ -413,9 +413,9 @@ def test_bare_set_attn_processor_runs_the_stock_processor(built, index):
 
 SPARSE_OPTIONS = {"backend": "reference"}
 NEEDS_A_PIPELINE = {"paro"}
-NOT_APPLICABLE = {"tile": {"flux2", "flux3", "qwenimage", "z_image"}, "softpag": {"ltx2", "z_image"}}
-"""tile needs a video grid; SoftPAG's denoiser wrapper knows one latent batch (Z-Image passes a list of latents,
-LTX-2 a second, audio, batch): test_methods_that_do_not_apply_say_so."""
+NOT_APPLICABLE = {"tile": {"flux2", "flux3", "qwenimage", "z_image"}, "softpag": {"z_image"}}
+"""tile needs a video grid; SoftPAG's denoiser wrapper knows one latent batch (Z-Image passes a list of latents):
+test_methods_that_do_not_apply_say_so. LTX-2's second (audio) batch is combined too: test_softpag_on_ltx2_*."""
 SOFTPAG_LAYER = {"flux2": "transformer_blocks.0.attn", "flux3": "single_transformer_blocks.0.attn",
                  "qwenimage": "transformer_blocks.0.attn", "hunyuan_video15": "transformer_blocks.0.attn",
                  "ltx2": "transformer_blocks.0.attn1", "z_image": "layers.0.attention"}
@@ -463,3 +463,75 @@ def _fields(name: str) -> set[str]:
     from diffaccel.methods.base import method_parameters
 
     return {row[0] for row in method_parameters(name)}
+
+
+# ---------------------------------------------------------------------------------------------- SoftPAG on LTX-2
+
+
+class _LTX2Pipe:
+    """What SoftPAG reads of an ``LTX2Pipeline`` during a call: CFG on, a video and an audio CFG scale."""
+
+    def __init__(self, transformer, video_cfg: float, audio_cfg: float, **flags: bool):
+        self.transformer = transformer
+        self.do_classifier_free_guidance = True
+        self.guidance_scale = video_cfg
+        self.audio_guidance_scale = audio_cfg
+        self.guidance_rescale = 0.0
+        self.do_spatio_temporal_guidance = flags.get("stg", False)
+        self.do_modality_isolation_guidance = flags.get("modality", False)
+
+
+def _softpag_ltx2(model, kw, video_cfg, audio_cfg, scale, **flags):
+    from diffaccel.pipelines.guidance import enable_softpag
+
+    pipe = _LTX2Pipe(model, video_cfg, audio_cfg, **flags)
+    try:
+        enable_softpag(pipe, layers=[SOFTPAG_LAYER["ltx2"]], scale=scale)
+        with torch.no_grad():
+            video, audio = model(**kw, return_dict=False)
+    finally:
+        diffaccel.remove(model)
+    return video, audio
+
+
+def test_softpag_on_ltx2_combines_video_and_audio_each_with_its_cfg_scale(built):
+    """The audio prediction comes back with the pipeline's batch [uncond, cond] and its cond row moved by
+    (s / audio_cfg)·(cond - perturbed), the video's by (s / video_cfg)·(cond - perturbed): the pipeline's
+    uncond + cfg·(cond' - uncond) is then PAG on both streams. Before the fix the audio kept the tripled batch."""
+    model, kw = built(CASES[4])
+    with torch.no_grad():
+        stock_video, stock_audio = model(**kw, return_dict=False)
+    zero = _softpag_ltx2(model, kw, 2.0, 4.0, 0.0)
+    for got, stock in zip(zero, (stock_video, stock_audio)):
+        assert got.shape == stock.shape  # batch B, not B + B/2
+        torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+    a = _softpag_ltx2(model, kw, 2.0, 4.0, 1.0)
+    b = _softpag_ltx2(model, kw, 4.0, 2.0, 1.0)
+    for index, (scale_a, scale_b) in enumerate(((2.0, 4.0), (4.0, 2.0))):  # video, then audio
+        stock = (stock_video, stock_audio)[index]
+        delta_a, delta_b = a[index][1:] - stock[1:], b[index][1:] - stock[1:]
+        assert torch.isfinite(delta_a).all() and float(delta_a.abs().max()) > 1e-4  # the perturbation reaches it
+        torch.testing.assert_close(delta_a * scale_a, delta_b * scale_b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[index][:1], stock[:1], atol=1e-5, rtol=1e-5)  # uncond rows unchanged
+
+
+@pytest.mark.parametrize("flag,advice", [("stg", "stg_scale=0"), ("modality", "modality_scale=1")])
+def test_softpag_on_ltx2_refuses_the_pipelines_extra_guidance_calls(built, flag, advice):
+    model, kw = built(CASES[4])
+    with pytest.raises(UnsupportedModelError, match=advice):
+        _softpag_ltx2(model, kw, 3.0, 7.0, 1.0, **{flag: True})
+
+
+def test_softpag_refuses_a_second_prediction_it_has_no_scale_for(built, monkeypatch):
+    from diffaccel.pipelines import guidance
+
+    monkeypatch.setattr(guidance, "SECOND_PREDICTION_CFG", {})
+    model, kw = built(CASES[4])
+    with pytest.raises(UnsupportedModelError, match="returns 2 predictions"):
+        _softpag_ltx2(model, kw, 3.0, 7.0, 1.0)
+
+
+def test_softpag_refuses_a_cfg_scale_it_cannot_fold_into(built):
+    model, kw = built(CASES[4])
+    with pytest.raises(ConfigError, match="audio_guidance_scale is 0.0"):
+        _softpag_ltx2(model, kw, 3.0, 0.0, 1.0)
