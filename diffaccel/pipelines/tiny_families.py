@@ -246,6 +246,7 @@ def _gemma3(hidden_size: int = 32, layers: int = 2):
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                           boi_token_index=VOCAB_SIZE - 3, eoi_token_index=VOCAB_SIZE - 2,
                           image_token_index=VOCAB_SIZE - 1)
+    config.vocab_size = VOCAB_SIZE  # the composite config names it only in text_config; readers expect it on top
     return Gemma3ForConditionalGeneration(config).eval()
 
 
