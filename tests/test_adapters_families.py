@@ -535,3 +535,17 @@ def test_softpag_refuses_a_cfg_scale_it_cannot_fold_into(built):
     model, kw = built(CASES[4])
     with pytest.raises(ConfigError, match="audio_guidance_scale is 0.0"):
         _softpag_ltx2(model, kw, 3.0, 0.0, 1.0)
+
+
+def test_paro_calibration_on_flux3_says_the_model_mixes_token_geometries(built):
+    """FLUX.3's image mode blocks (no text) and joint blocks (text) share the grid but not the token set: one PARO
+    plan cannot serve both, said as such (not "calibrate with one size", which would not help)."""
+    from diffaccel.methods.paro_calibration import ParoCalibrator
+
+    model, kw = built(CASES[1])
+    diffaccel.apply(model, ParoCalibrator(num_steps=1))
+    try:
+        with pytest.raises(ConfigError, match=f"over {T} text tokens .*earlier layers over 0.*does not run on this"):
+            _output(model, kw)
+    finally:
+        diffaccel.remove(model)
