@@ -549,3 +549,29 @@ def test_paro_calibration_on_flux3_says_the_model_mixes_token_geometries(built):
             _output(model, kw)
     finally:
         diffaccel.remove(model)
+
+
+@pytest.mark.parametrize("name,options", [("gna", {"kernel_size": (3, 3)}), ("msw", {}), ("clear", {"radius": 2.0}),
+                                          ("vmoba", {"dense_fraction": 0.0})])
+def test_qwen_padded_prompt_runs_the_method_as_the_unpadded_prompt(built, name, options):
+    """Qwen-Image's text is a prefix with a padded tail: the method runs on the valid tokens, laid out as the prompt
+    cut to its valid length would be, so the padded row's image output equals that of the cut prompt."""
+    import warnings
+
+    model, kw = built(CASES[2])
+    cut = dict(kw, hidden_states=kw["hidden_states"][1:], encoder_hidden_states=kw["encoder_hidden_states"][1:, :4],
+               encoder_hidden_states_mask=None, timestep=kw["timestep"][1:], img_shapes=kw["img_shapes"][1:])
+    outputs = []
+    for inputs in (kw, cut):
+        processor = diffaccel.apply(model, name, backend="reference", **options)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*runs dense")
+                with torch.no_grad():
+                    outputs.append(model(**inputs, return_dict=False)[0])
+        finally:
+            diffaccel.remove(model)
+        assert processor.method.call_counts.method > 0 and processor.method.call_counts.dense == 0
+    padded, unpadded = outputs
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[1:], unpadded, atol=2e-5, rtol=1e-4)
