@@ -575,3 +575,32 @@ def test_qwen_padded_prompt_runs_the_method_as_the_unpadded_prompt(built, name, 
     padded, unpadded = outputs
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded[1:], unpadded, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["prefix", "suffix"])
+def test_attend_valid_text_with_dense_attention_is_the_masked_call(text_first):
+    """With dense attention on the valid tokens, every row (valid and padding, text and visual) equals the stock
+    key-padding-masked call: the gather, the padding queries and the reassembly are exact."""
+    from diffaccel.layout import TokenLayout
+    from diffaccel.methods._online import attend_valid_text
+    from diffaccel.methods.base import sdpa
+
+    nv, nt, length = 12, 5, 2
+    n = nv + nt
+    text = slice(0, nt) if text_first else slice(nv, n)
+    layout = TokenLayout(num_tokens=n, grid=(3, 4), text=text)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[text.start + length: text.stop] = False
+    seen = []
+
+    def dense(a, b, c, sub):
+        seen.append(sub)
+        return sdpa(a, b, c)
+
+    out = attend_valid_text(q, k, v, layout, length, None, dense)
+    expected = sdpa(q, k, v, attn_mask=valid[None, None, None, :])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    (sub,) = seen
+    assert sub.num_tokens == nv + length and sub.num_text == length and sub.text_first == text_first

@@ -126,6 +126,11 @@ def test_methods_that_do_not_apply_are_refused(capsys, tmp_path, model, method, 
     assert len(lines) == 1 and error in lines[0], err
 
 
+def test_ltx2_sizes_must_be_multiples_of_32(capsys, tmp_path):
+    code, _, err = _generate(capsys, tmp_path, "tiny-ltx2", "dense", ["--height", "48"])
+    assert code == 2 and "multiple of 32" in err and "LTX2Pipeline" in err
+
+
 def test_models_lists_the_new_tiny_pipelines(capsys):
     code, out, _ = cli(capsys, "models")
     assert code == 0
