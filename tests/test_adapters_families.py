@@ -515,6 +515,23 @@ def test_softpag_on_ltx2_combines_video_and_audio_each_with_its_cfg_scale(built)
         torch.testing.assert_close(a[index][:1], stock[:1], atol=1e-5, rtol=1e-5)  # uncond rows unchanged
 
 
+def test_softpag_on_ltx2_combines_the_fields_of_its_output_object(built):
+    """With ``return_dict=True`` the transformer returns ``AudioVisualModelOutput(sample, audio_sample)``: both
+    fields are combined as in the tuple."""
+    from diffaccel.pipelines.guidance import enable_softpag
+
+    model, kw = built(CASES[4])
+    expected = _softpag_ltx2(model, kw, 2.0, 4.0, 1.0)
+    try:
+        enable_softpag(_LTX2Pipe(model, 2.0, 4.0), layers=[SOFTPAG_LAYER["ltx2"]], scale=1.0)
+        with torch.no_grad():
+            out = model(**kw, return_dict=True)
+    finally:
+        diffaccel.remove(model)
+    torch.testing.assert_close(out.sample, expected[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.audio_sample, expected[1], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("flag,advice", [("stg", "stg_scale=0"), ("modality", "modality_scale=1")])
 def test_softpag_on_ltx2_refuses_the_pipelines_extra_guidance_calls(built, flag, advice):
     model, kw = built(CASES[4])
