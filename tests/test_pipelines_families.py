@@ -126,6 +126,18 @@ def test_methods_that_do_not_apply_are_refused(capsys, tmp_path, model, method, 
     assert len(lines) == 1 and error in lines[0], err
 
 
+def test_ltx2_gemma_tokenizer_starts_with_bos_and_pads_on_the_left():
+    """As Gemma's: ``<bos>`` first (so the empty negative prompt keeps one valid token), left padding, byte fallback."""
+    from diffaccel.pipelines.tiny_families import gemma_tokenizer
+
+    tok = gemma_tokenizer()
+    enc = tok(["a cat", ""], padding="max_length", max_length=8, truncation=True)
+    assert enc.input_ids[0][-6:] == [tok.bos_token_id, *tok("a cat", add_special_tokens=False).input_ids]
+    assert enc.attention_mask[0] == [0, 0, 1, 1, 1, 1, 1, 1] and enc.attention_mask[1] == [0] * 7 + [1]
+    assert enc.input_ids[1][-1] == tok.bos_token_id == 2 and tok.pad_token_id == 0
+    assert tok.decode(tok("é").input_ids, skip_special_tokens=True) == "é"
+
+
 def test_ltx2_sizes_must_be_multiples_of_32(capsys, tmp_path):
     code, _, err = _generate(capsys, tmp_path, "tiny-ltx2", "dense", ["--height", "48"])
     assert code == 2 and "multiple of 32" in err and "LTX2Pipeline" in err
