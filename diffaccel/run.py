@@ -146,6 +146,7 @@ PIPELINE_SIZE_MULTIPLES = {
     "HunyuanVideoPipeline": 16,
     "CogVideoXPipeline": 8,
     "LTXPipeline": 32,
+    "LTX2Pipeline": 32,
 }
 """Multiples that these pipelines' ``check_inputs`` require of height and width whatever the VAE (diffusers 0.42)."""
 
@@ -344,6 +345,9 @@ def run_pipeline(pipe: Any, prompt: str, kwargs: dict[str, Any], seed: int, labe
     finally:
         timer.close()
     output = result.frames if hasattr(result, "frames") else result.images
+    if getattr(result, "audio", None) is not None:  # LTX-2: video + audio
+        warn_once(f"generate-audio-{type(pipe).__name__}", f"{type(pipe).__name__} also returns audio: generate saves "
+                  "and compares the video only (the audio is neither written nor in PSNR/SSIM)")
     return output[0].float().cpu(), Timing(total, timer.seconds)
 
 

@@ -413,9 +413,9 @@ def test_bare_set_attn_processor_runs_the_stock_processor(built, index):
 
 SPARSE_OPTIONS = {"backend": "reference"}
 NEEDS_A_PIPELINE = {"paro"}
-NOT_APPLICABLE = {"tile": {"flux2", "flux3", "qwenimage", "z_image"}, "softpag": {"ltx2", "z_image"}}
-"""tile needs a video grid; SoftPAG's denoiser wrapper knows one latent batch (Z-Image passes a list of latents,
-LTX-2 a second, audio, batch): test_methods_that_do_not_apply_say_so."""
+NOT_APPLICABLE = {"tile": {"flux2", "flux3", "qwenimage", "z_image"}, "softpag": {"z_image"}}
+"""tile needs a video grid; SoftPAG's denoiser wrapper knows one latent batch (Z-Image passes a list of latents):
+test_methods_that_do_not_apply_say_so. LTX-2's second (audio) batch is combined too: test_softpag_on_ltx2_*."""
 SOFTPAG_LAYER = {"flux2": "transformer_blocks.0.attn", "flux3": "single_transformer_blocks.0.attn",
                  "qwenimage": "transformer_blocks.0.attn", "hunyuan_video15": "transformer_blocks.0.attn",
                  "ltx2": "transformer_blocks.0.attn1", "z_image": "layers.0.attention"}
@@ -463,3 +463,161 @@ def _fields(name: str) -> set[str]:
     from diffaccel.methods.base import method_parameters
 
     return {row[0] for row in method_parameters(name)}
+
+
+# ---------------------------------------------------------------------------------------------- SoftPAG on LTX-2
+
+
+class _LTX2Pipe:
+    """What SoftPAG reads of an ``LTX2Pipeline`` during a call: CFG on, a video and an audio CFG scale."""
+
+    def __init__(self, transformer, video_cfg: float, audio_cfg: float, **flags: bool):
+        self.transformer = transformer
+        self.do_classifier_free_guidance = True
+        self.guidance_scale = video_cfg
+        self.audio_guidance_scale = audio_cfg
+        self.guidance_rescale = 0.0
+        self.do_spatio_temporal_guidance = flags.get("stg", False)
+        self.do_modality_isolation_guidance = flags.get("modality", False)
+
+
+def _softpag_ltx2(model, kw, video_cfg, audio_cfg, scale, **flags):
+    from diffaccel.pipelines.guidance import enable_softpag
+
+    pipe = _LTX2Pipe(model, video_cfg, audio_cfg, **flags)
+    try:
+        enable_softpag(pipe, layers=[SOFTPAG_LAYER["ltx2"]], scale=scale)
+        with torch.no_grad():
+            video, audio = model(**kw, return_dict=False)
+    finally:
+        diffaccel.remove(model)
+    return video, audio
+
+
+def test_softpag_on_ltx2_combines_video_and_audio_each_with_its_cfg_scale(built):
+    """The audio prediction comes back with the pipeline's batch [uncond, cond] and its cond row moved by
+    (s / audio_cfg)·(cond - perturbed), the video's by (s / video_cfg)·(cond - perturbed): the pipeline's
+    uncond + cfg·(cond' - uncond) is then PAG on both streams. Before the fix the audio kept the tripled batch."""
+    model, kw = built(CASES[4])
+    with torch.no_grad():
+        stock_video, stock_audio = model(**kw, return_dict=False)
+    zero = _softpag_ltx2(model, kw, 2.0, 4.0, 0.0)
+    for got, stock in zip(zero, (stock_video, stock_audio)):
+        assert got.shape == stock.shape  # batch B, not B + B/2
+        torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+    a = _softpag_ltx2(model, kw, 2.0, 4.0, 1.0)
+    b = _softpag_ltx2(model, kw, 4.0, 2.0, 1.0)
+    for index, (scale_a, scale_b) in enumerate(((2.0, 4.0), (4.0, 2.0))):  # video, then audio
+        stock = (stock_video, stock_audio)[index]
+        delta_a, delta_b = a[index][1:] - stock[1:], b[index][1:] - stock[1:]
+        assert torch.isfinite(delta_a).all() and float(delta_a.abs().max()) > 1e-4  # the perturbation reaches it
+        torch.testing.assert_close(delta_a * scale_a, delta_b * scale_b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[index][:1], stock[:1], atol=1e-5, rtol=1e-5)  # uncond rows unchanged
+
+
+def test_softpag_on_ltx2_combines_the_fields_of_its_output_object(built):
+    """With ``return_dict=True`` the transformer returns ``AudioVisualModelOutput(sample, audio_sample)``: both
+    fields are combined as in the tuple."""
+    from diffaccel.pipelines.guidance import enable_softpag
+
+    model, kw = built(CASES[4])
+    expected = _softpag_ltx2(model, kw, 2.0, 4.0, 1.0)
+    try:
+        enable_softpag(_LTX2Pipe(model, 2.0, 4.0), layers=[SOFTPAG_LAYER["ltx2"]], scale=1.0)
+        with torch.no_grad():
+            out = model(**kw, return_dict=True)
+    finally:
+        diffaccel.remove(model)
+    torch.testing.assert_close(out.sample, expected[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.audio_sample, expected[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("flag,advice", [("stg", "stg_scale=0"), ("modality", "modality_scale=1")])
+def test_softpag_on_ltx2_refuses_the_pipelines_extra_guidance_calls(built, flag, advice):
+    model, kw = built(CASES[4])
+    with pytest.raises(UnsupportedModelError, match=advice):
+        _softpag_ltx2(model, kw, 3.0, 7.0, 1.0, **{flag: True})
+
+
+def test_softpag_refuses_a_second_prediction_it_has_no_scale_for(built, monkeypatch):
+    from diffaccel.pipelines import guidance
+
+    monkeypatch.setattr(guidance, "SECOND_PREDICTION_CFG", {})
+    model, kw = built(CASES[4])
+    with pytest.raises(UnsupportedModelError, match="returns 2 predictions"):
+        _softpag_ltx2(model, kw, 3.0, 7.0, 1.0)
+
+
+def test_softpag_refuses_a_cfg_scale_it_cannot_fold_into(built):
+    model, kw = built(CASES[4])
+    with pytest.raises(ConfigError, match="audio_guidance_scale is 0.0"):
+        _softpag_ltx2(model, kw, 3.0, 0.0, 1.0)
+
+
+def test_paro_calibration_on_flux3_says_the_model_mixes_token_geometries(built):
+    """FLUX.3's image mode blocks (no text) and joint blocks (text) share the grid but not the token set: one PARO
+    plan cannot serve both, said as such (not "calibrate with one size", which would not help)."""
+    from diffaccel.methods.paro_calibration import ParoCalibrator
+
+    model, kw = built(CASES[1])
+    diffaccel.apply(model, ParoCalibrator(num_steps=1))
+    try:
+        with pytest.raises(ConfigError, match=f"over {T} text tokens .*earlier layers over 0.*does not run on this"):
+            _output(model, kw)
+    finally:
+        diffaccel.remove(model)
+
+
+@pytest.mark.parametrize("name,options", [("gna", {"kernel_size": (3, 3)}), ("msw", {}), ("clear", {"radius": 2.0}),
+                                          ("vmoba", {"dense_fraction": 0.0})])
+def test_qwen_padded_prompt_runs_the_method_as_the_unpadded_prompt(built, name, options):
+    """Qwen-Image's text is a prefix with a padded tail: the method runs on the valid tokens, laid out as the prompt
+    cut to its valid length would be, so the padded row's image output equals that of the cut prompt."""
+    import warnings
+
+    model, kw = built(CASES[2])
+    cut = dict(kw, hidden_states=kw["hidden_states"][1:], encoder_hidden_states=kw["encoder_hidden_states"][1:, :4],
+               encoder_hidden_states_mask=None, timestep=kw["timestep"][1:], img_shapes=kw["img_shapes"][1:])
+    outputs = []
+    for inputs in (kw, cut):
+        processor = diffaccel.apply(model, name, backend="reference", **options)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*runs dense")
+                with torch.no_grad():
+                    outputs.append(model(**inputs, return_dict=False)[0])
+        finally:
+            diffaccel.remove(model)
+        assert processor.method.call_counts.method > 0 and processor.method.call_counts.dense == 0
+    padded, unpadded = outputs
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[1:], unpadded, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["prefix", "suffix"])
+def test_attend_valid_text_with_dense_attention_is_the_masked_call(text_first):
+    """With dense attention on the valid tokens, every row (valid and padding, text and visual) equals the stock
+    key-padding-masked call: the gather, the padding queries and the reassembly are exact."""
+    from diffaccel.layout import TokenLayout
+    from diffaccel.methods._online import attend_valid_text
+    from diffaccel.methods.base import sdpa
+
+    nv, nt, length = 12, 5, 2
+    n = nv + nt
+    text = slice(0, nt) if text_first else slice(nv, n)
+    layout = TokenLayout(num_tokens=n, grid=(3, 4), text=text)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[text.start + length: text.stop] = False
+    seen = []
+
+    def dense(a, b, c, sub):
+        seen.append(sub)
+        return sdpa(a, b, c)
+
+    out = attend_valid_text(q, k, v, layout, length, None, dense)
+    expected = sdpa(q, k, v, attn_mask=valid[None, None, None, :])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    (sub,) = seen
+    assert sub.num_tokens == nv + length and sub.num_text == length and sub.text_first == text_first

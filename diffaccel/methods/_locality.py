@@ -26,6 +26,7 @@ import torch
 from diffaccel.context import RunContext
 from diffaccel.errors import ConfigError
 from diffaccel.layout import TokenLayout
+from diffaccel.methods._online import attend_valid_text
 from diffaccel.methods.base import (
     BACKENDS,
     MethodBase,
@@ -243,11 +244,11 @@ class LocalityMethod(MethodBase):
             return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
         if attn_mask is not None:
             lengths = layout.text_lengths
-            if lengths is None or layout.text_first or len(lengths) != q.shape[0]:
+            if lengths is None or len(lengths) != q.shape[0]:
                 warn_once(
                     f"{self.name}-mask",
-                    f"{self.name}: an attention call with a mask other than a text key-padding mask (text suffix, "
-                    "layout.text_lengths set by the adapter) runs dense",
+                    f"{self.name}: an attention call with a mask other than a text key-padding mask (valid text "
+                    "first, layout.text_lengths set by the adapter) runs dense",
                 )
                 self._last_plans[ctx.layer] = None
                 return self.dense_fallback(q, k, v, attn_mask=attn_mask, scale=scale)
@@ -298,23 +299,19 @@ class LocalityMethod(MethodBase):
         lengths: tuple[int, ...],
         scale: float | None,
     ) -> torch.Tensor:
-        """Joint attention whose mask hides padding text keys at the end of a text suffix.
+        """Joint attention whose mask hides padding text keys at the end of the text (suffix or prefix).
 
-        Per batch group with the same number ``L`` of valid text tokens: the sequence cut to ``visual + L`` tokens
-        is a plain joint call (queries and keys); the padding text queries, whose rows the stock processor
-        computes over the valid keys, attend densely over them (as text queries do).
+        Per batch group with the same number ``L`` of valid text tokens: the valid tokens (visual + ``L``) are a
+        plain joint call laid out as an unpadded prompt (:func:`~diffaccel.methods._online.attend_valid_text`); the
+        padding text queries, whose rows the stock processor computes over the valid keys, attend densely over them
+        (as text queries do).
         """
         groups = self._groups(lengths, q.device)
-        nv = layout.num_visual
         out = None if len(groups) == 1 else torch.empty_like(q)
         for length, rows in groups:
-            n = nv + int(length)
             qb, kb, vb = (q, k, v) if rows is None else (t.index_select(0, rows) for t in (q, k, v))
-            sub = dataclasses.replace(layout, num_tokens=n, text=slice(nv, n) if length else None, text_lengths=None)
-            part = self.local_attention(qb[:, :, :n], kb[:, :, :n], vb[:, :, :n], sub, ctx, cfg, scale=scale)
-            if n < q.shape[2]:
-                tail = sdpa(qb[:, :, n:], kb[:, :, :n], vb[:, :, :n], scale=scale)
-                part = torch.cat([part, tail], dim=2)
+            part = attend_valid_text(qb, kb, vb, layout, int(length), scale,
+                                     lambda a, b, c, sub: self.local_attention(a, b, c, sub, ctx, cfg, scale=scale))
             if out is None:
                 return part
             out.index_copy_(0, rows, part)

@@ -161,24 +161,21 @@ def with_text_lengths(
     scale: float | None,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout, str], torch.Tensor],
 ) -> torch.Tensor:
-    """Joint attention whose mask hides padding text keys at the end of a text suffix (HunyuanVideo).
+    """Joint attention whose mask hides padding text keys at the end of the text (a suffix: HunyuanVideo; a prefix:
+    Qwen-Image).
 
-    Per group of batch rows with the same number ``L`` of valid text tokens, the sequence cut to ``visual + L`` is a
+    Per group of batch rows with the same number ``L`` of valid text tokens, the valid tokens (visual + ``L``) are a
     plain joint call: ``attend(q, k, v, layout, group_key)``; ``group_key`` ("L<n>") lets the method keep per-group
     state. Padding text queries attend densely over the valid keys, as the stock processor computes them.
     """
-    nv = layout.num_visual
     distinct = sorted(set(lengths))
     out = None if len(distinct) == 1 else torch.empty_like(q)
     for length in distinct:
         rows = None if out is None else torch.tensor(
             [i for i, m in enumerate(lengths) if m == length], dtype=torch.long, device=q.device)
-        n = nv + int(length)
         qb, kb, vb = (q, k, v) if rows is None else (t.index_select(0, rows) for t in (q, k, v))
-        sub = dataclasses.replace(layout, num_tokens=n, text=slice(nv, n) if length else None, text_lengths=None)
-        part = attend(qb[:, :, :n], kb[:, :, :n], vb[:, :, :n], sub, f"L{length}")
-        if n < q.shape[2]:
-            part = torch.cat([part, sdpa(qb[:, :, n:], kb[:, :, :n], vb[:, :, :n], scale=scale)], dim=2)
+        part = attend_valid_text(qb, kb, vb, layout, int(length), scale,
+                                 lambda a, b, c, sub: attend(a, b, c, sub, f"L{length}"))
         if out is None:
             return part
         out.index_copy_(0, rows, part)
@@ -186,15 +183,46 @@ def with_text_lengths(
     return out
 
 
+def attend_valid_text(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    length: int,
+    scale: float | None,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout], torch.Tensor],
+) -> torch.Tensor:
+    """Rows whose text has ``length`` valid tokens (valid first, then padding): ``attend`` on the valid tokens alone,
+    laid out as an unpadded prompt of ``length`` tokens would be (text still before or after the visual tokens), and
+    the padding text queries densely over the valid keys."""
+    nv, nt = layout.num_visual, layout.num_text
+    if not layout.text_first:
+        n = nv + length
+        sub = dataclasses.replace(layout, num_tokens=n, text=slice(nv, n) if length else None, text_lengths=None)
+        part = attend(q[:, :, :n], k[:, :, :n], v[:, :, :n], sub)
+        if n < q.shape[2]:
+            part = torch.cat([part, sdpa(q[:, :, n:], k[:, :, :n], v[:, :, :n], scale=scale)], dim=2)
+        return part
+    if length == nt:
+        return attend(q, k, v, dataclasses.replace(layout, text_lengths=None))
+    keep = torch.cat([torch.arange(length, device=q.device), torch.arange(nt, nt + nv, device=q.device)])
+    qv, kv, vv = (t.index_select(2, keep) for t in (q, k, v))
+    sub = dataclasses.replace(layout, num_tokens=length + nv, text=slice(0, length) if length else None,
+                              text_lengths=None)
+    part = attend(qv, kv, vv, sub)
+    padding = sdpa(q[:, :, length:nt], kv, vv, scale=scale)
+    return torch.cat([part[:, :, :length], padding, part[:, :, length:]], dim=2)
+
+
 def padded_mask_supported(name: str, attn_mask: torch.Tensor | None, layout: TokenLayout, batch: int) -> bool:
     """Whether a masked call is the text key-padding kind :func:`with_text_lengths` handles (else: warn, dense)."""
     lengths = layout.text_lengths
     if attn_mask is None:
         return True
-    if lengths is None or layout.text_first or len(lengths) != batch:
+    if lengths is None or len(lengths) != batch:
         warn_once(
             f"{name}-mask",
-            f"{name}: an attention call with a mask other than a text key-padding mask (text suffix, "
+            f"{name}: an attention call with a mask other than a text key-padding mask (valid text first, "
             "layout.text_lengths set by the adapter) runs dense",
         )
         return False

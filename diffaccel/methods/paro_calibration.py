@@ -162,6 +162,13 @@ class ParoCalibrator(MethodBase):
             first = next(iter(self.stats.values()), None)
             if first is not None and (first.grid, first.num_tokens, first.num_text, first.text_first,
                                       first.heads) != geometry:
+                if (first.grid, first.heads) == (layout.grid, heads):  # the model itself mixes token sets
+                    raise ConfigError(
+                        f"paro calibration: layer {layer} attends over {layout.num_text} text tokens with the "
+                        f"{'x'.join(map(str, layout.grid))} grid, earlier layers over {first.num_text} (e.g. FLUX.3's "
+                        "image mode blocks without text and its joint blocks with it): one PARO plan serves one token "
+                        "geometry, so PARO does not run on this model (any size)"
+                    )
                 raise ConfigError(
                     f"paro calibration: layer {layer} has grid {layout.grid}, {layout.num_text} text tokens and {heads} "
                     f"heads but earlier layers had {first.grid}, {first.num_text} and {first.heads}: one plan serves "

@@ -17,7 +17,9 @@ that the pipeline's own ``uncond + cfg·(cond' - uncond)`` is the formula above.
 Supported: pipelines that batch CFG (SD 1.x, SDXL, SD3 / SD3.5 and others exposing
 ``do_classifier_free_guidance``) or run without it (FLUX with ``true_cfg_scale <= 1``). Pipelines that call the
 denoiser separately for the negative prompt (Wan, FLUX ``true_cfg_scale > 1``) are not supported: the pipeline
-combines those calls without telling the hook which one is which.
+combines those calls without telling the hook which one is which. LTX-2 (``LTX2Pipeline``) returns a video and an
+audio prediction: both are combined, each with the pipeline's own CFG scale (``guidance_scale``,
+``audio_guidance_scale``); its spatio-temporal and modality-isolation guidance (extra denoiser calls) must be off.
 
 Nothing here reads a tensor's value on the host: the adaptive weight ``s_t`` is computed on the timestep's device.
 This module registers :func:`enable_softpag` as SoftPAG's denoiser wrapper, so ``diffaccel.apply(pipe, "softpag")``
@@ -48,6 +50,19 @@ UNBATCHED_ARGUMENTS = ("txt_ids", "img_ids")
 
 TIMESTEP_SCALE = {"FluxTransformer2DModel": 1000.0}
 """Denoisers called with ``t / 1000`` (FLUX pipelines): factor back to the 0..1000 scale of ``s_t``."""
+
+SECOND_PREDICTION_CFG = {"LTX2VideoTransformer3DModel": "audio_guidance_scale"}
+"""Denoisers that return a second prediction with the same batch (LTX-2: video, then audio), and the pipeline
+attribute holding the CFG scale the pipeline combines that prediction with (``LTX2Pipeline`` guides the audio with
+its own ``audio_guidance_scale``). Both predictions get the perturbed-branch combination; any other denoiser whose
+output holds a second prediction of the guidance batch is refused (its scale would be a guess)."""
+
+EXTRA_CALL_GUIDANCE = {
+    "do_spatio_temporal_guidance": "stg_scale=0 and audio_stg_scale=0",
+    "do_modality_isolation_guidance": "modality_scale=1 and audio_modality_scale=1",
+}
+"""Pipeline flags of guidance that calls the denoiser again in the same step (``LTX2Pipeline``'s spatio-temporal
+guidance and modality-isolation guidance), with the settings that turn each off: refused with that advice."""
 
 GUIDANCE_ATTRIBUTE = "_diffaccel_softpag"
 """Where a denoiser keeps its :class:`GuidanceHooks` (in ``module.__dict__``, like diffaccel's other records)."""
@@ -177,7 +192,26 @@ class GuidanceHooks:
                 "not supported (use guidance_scale <= 1, or true_cfg_scale <= 1 for FLUX)"
             )
 
+    def _check_no_extra_guidance_calls(self) -> None:
+        """Refuse pipeline guidance that calls the denoiser again within the step (LTX-2's STG and modality
+        isolation): those calls carry the cond batch only and would be split as ``[uncond, cond]``."""
+        for flag, off in EXTRA_CALL_GUIDANCE.items():
+            if getattr(self.pipe, flag, False):
+                raise UnsupportedModelError(
+                    f"softpag: {type(self.pipe).__name__}'s {flag.removeprefix('do_').replace('_', '-')} calls "
+                    f"{type(self.model).__name__} again in every step, which softpag cannot tell from its own batch; "
+                    f"pass {off} to use softpag"
+                )
+
+    def _second_cfg(self, cfg: float | None) -> float | None:
+        """The CFG scale of the denoiser's second prediction (:data:`SECOND_PREDICTION_CFG`), or ``cfg``."""
+        attribute = SECOND_PREDICTION_CFG.get(type(self.model).__name__)
+        if cfg is None or self.pipe is None or attribute is None or getattr(self.pipe, attribute, None) is None:
+            return cfg
+        return _positive_cfg(float(getattr(self.pipe, attribute)), f"{type(self.pipe).__name__}.{attribute}")
+
     def before(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        self._check_no_extra_guidance_calls()
         self._check_one_call_per_step()
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         latent = next((bound[n] for n in LATENT_ARGUMENTS if isinstance(bound.get(n), torch.Tensor)), None)
@@ -192,8 +226,12 @@ class GuidanceHooks:
         timestep = bound.get("timestep")
         if isinstance(timestep, torch.Tensor):  # kept on its device: s_t is computed there (no host read)
             timestep = timestep.reshape(-1)[0] if timestep.numel() else None
+        if cfg is not None:
+            cfg = _positive_cfg(cfg, f"{type(self.pipe).__name__}.guidance_scale" if self.pipe is not None else "cfg_scale")
         self._call = {
             "cfg": cfg,
+            "second_cfg": self._second_cfg(cfg),
+            "expanded": batch + batch - cond_start,
             "timestep": None if timestep is None else timestep * self.timestep_scale,
         }
         self.method.perturbed_rows = slice(batch, batch + batch - cond_start)
@@ -208,27 +246,59 @@ class GuidanceHooks:
             return output
         config = self.method.config
         weight = guidance_weight(float(config.scale), float(config.adaptive_scale), call["timestep"])
-        pred = _sample_of(output)
-        return _with_sample(output, combine_predictions(pred, cfg_scale=call["cfg"], weight=weight))
+        keys = _prediction_keys(output, call["expanded"])
+        if len(keys) > 2 or (len(keys) == 2 and type(module).__name__ not in SECOND_PREDICTION_CFG):
+            raise UnsupportedModelError(
+                f"softpag: {type(module).__name__} returns {len(keys)} predictions of the guidance batch "
+                f"({', '.join(map(str, keys))}); softpag combines the first one, and a second only for "
+                f"{', '.join(SECOND_PREDICTION_CFG)}"
+            )
+        for key, cfg in zip(keys, (call["cfg"], call["second_cfg"])):
+            pred = _get(output, key)
+            output = _put(output, key, combine_predictions(pred, cfg_scale=cfg, weight=weight))
+        return output
 
 
-def _sample_of(output: Any) -> torch.Tensor:
+def _positive_cfg(value: float, name: str) -> float:
+    """A CFG scale the perturbed term can be folded into (``cond + (s_t / cfg)·(cond - perturbed)``): > 0."""
+    if not value > 0:
+        raise ConfigError(f"softpag: {name} is {value!r} with classifier-free guidance on; softpag folds its term "
+                          "into the cond prediction as (s_t / cfg)·(cond - perturbed), which needs a scale > 0")
+    return value
+
+
+def _prediction_keys(output: Any, batch: int) -> list[Any]:
+    """Where the denoiser's predictions of the expanded batch are: ``None`` (a bare tensor), tuple indices or the
+    output object's field names, in order. The first (``sample``) must be one."""
     if isinstance(output, torch.Tensor):
+        return [None]
+    if isinstance(output, tuple):
+        items = list(enumerate(output))
+    elif isinstance(getattr(output, "sample", None), torch.Tensor):
+        items = list(output.items()) if hasattr(output, "items") else [("sample", output.sample)]
+    else:
+        raise UnsupportedModelError(
+            f"softpag: cannot read the prediction from a denoiser output of type {type(output).__name__}"
+        )
+    if not items or not isinstance(items[0][1], torch.Tensor):
+        raise UnsupportedModelError(f"softpag: the denoiser output {type(output).__name__} starts with no tensor")
+    return [items[0][0]] + [k for k, v in items[1:] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch]
+
+
+def _get(output: Any, key: Any) -> torch.Tensor:
+    if key is None:
         return output
     if isinstance(output, tuple):
-        return output[0]
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise UnsupportedModelError(f"softpag: cannot read the prediction from a denoiser output of type {type(output).__name__}")
+        return output[key]
+    return getattr(output, key)
 
 
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return sample
+def _put(output: Any, key: Any, value: torch.Tensor) -> Any:
+    if key is None:
+        return value
     if isinstance(output, tuple):
-        return (sample, *output[1:])
-    output.sample = sample
+        return (*output[:key], value, *output[key + 1:])
+    setattr(output, key, value)
     return output
 
 

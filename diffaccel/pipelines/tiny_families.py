@@ -202,6 +202,107 @@ def _tiny_hunyuan_video15():
     return pipe
 
 
+# ----------------------------------------------------------------------------------------------- LTX-2
+
+LTX2_TEXT_LEN = 32
+"""``max_sequence_length`` of the tiny Gemma-tokenized prompts (the real pipeline pads to 1024 tokens)."""
+
+LTX2_CALL = {
+    "max_sequence_length": LTX2_TEXT_LEN, "frame_rate": 24.0, "guidance_scale": 3.0,
+    # The pipeline's own spatio-temporal guidance (STG) and modality-isolation guidance each call the transformer
+    # again per step (with STG on block 28 by default, which the 2-block tiny model lacks): off, so a step is one
+    # call with the batch [uncond, cond], as for the other tiny pipelines.
+    "stg_scale": 0.0, "audio_stg_scale": 0.0, "spatio_temporal_guidance_blocks": None,
+    "modality_scale": 1.0, "audio_modality_scale": 1.0,
+}
+"""Call settings of ``tiny-ltx2`` besides the size: classifier-free guidance on (video and audio), STG and
+modality guidance off."""
+
+
+def gemma_tokenizer(model_max_length: int = LTX2_TEXT_LEN):
+    """A Gemma byte-fallback BPE tokenizer over printable ASCII (``<pad>``=0, ``<eos>``=1, ``<bos>``=2 as in Gemma;
+    other characters fall back to byte tokens), adding ``<bos>`` like the real one; Gemma pads on the left."""
+    from transformers import GemmaTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in range(33, 127):
+        vocab[chr(c)] = len(vocab)
+        vocab["\u2581" + chr(c)] = len(vocab)
+    return GemmaTokenizerFast(vocab=vocab, merges=[], model_max_length=model_max_length, add_bos_token=True,
+                              padding_side="left")
+
+
+def _gemma3(hidden_size: int = 32, layers: int = 2):
+    """A 2-layer Gemma 3 with a 1-layer SigLIP tower (never run: LTX-2 encodes text only), ids inside the vocab."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                max_position_embeddings=256, sliding_window=16)
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=VOCAB_SIZE - 3, eoi_token_index=VOCAB_SIZE - 2,
+                          image_token_index=VOCAB_SIZE - 1)
+    config.vocab_size = VOCAB_SIZE  # the composite config names it only in text_config; readers expect it on top
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def _tiny_ltx2():
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    text_encoder = _gemma3()
+    hidden, layers = text_encoder.config.text_config.hidden_size, text_encoder.config.text_config.num_hidden_layers
+    # The pipeline stacks every hidden state of Gemma (layers + 1) before the connectors project them.
+    connectors = LTX2TextConnectors(
+        caption_channels=hidden, text_proj_in_factor=layers + 1, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=16, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=16, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=LTX2_TEXT_LEN,
+        rope_double_precision=False, rope_type="split",
+    ).eval()
+    # Two space-time downsamplings: 4x in space and time (LTX-2: 32x and 8x).
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, True),
+        decoder_spatio_temporal_scaling=(True, True), decoder_inject_noise=(False, False, False),
+        downsample_type=("spatiotemporal", "spatiotemporal"), upsample_residual=(False, False), upsample_factor=(1, 1),
+        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    ).eval()
+    latent_mel_bins = audio_vae.config.mel_bins // audio_vae.mel_compression_ratio
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins, hidden_channels=32, out_channels=2,
+        upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+        output_sampling_rate=16000,
+    ).eval()
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, audio_in_channels=2 * latent_mel_bins, audio_out_channels=2 * latent_mel_bins,
+        audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2,
+        caption_channels=hidden, rope_double_precision=False, rope_type="split",
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096)
+    return LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+                        tokenizer=gemma_tokenizer(), connectors=connectors, transformer=transformer, vocoder=vocoder)
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 
@@ -227,6 +328,11 @@ def specs(TinySpec: Callable[..., Any]) -> tuple[Any, ...]:  # noqa: N803 (the c
             "tiny-hunyuan-video15", "HunyuanVideo15Pipeline", "hunyuan_video15", _tiny_hunyuan_video15,
             height=16, width=24, frames=5, steps=1,  # one step: the stock prompt lengths make ~2000 text tokens
             description="HunyuanVideo-1.5-like, 2 blocks, Qwen2.5-VL + ByT5, 3x8x12 video tokens (1 step)",
+        ),
+        TinySpec(
+            "tiny-ltx2", "LTX2Pipeline", "ltx2", _tiny_ltx2, height=32, width=64, frames=9,
+            extra=dict(LTX2_CALL),
+            description="LTX-2-like audio-video, 2 blocks, Gemma 3 + connectors, 3x8x16 video + 9 audio tokens",
         ),
     )
 
