@@ -179,7 +179,8 @@ class DiffAccelAttnProcessor:
                     "supported yet (supported: the families in diffaccel.pipelines.parallel.SUPPORTED_FAMILIES)"
                 )
             slots = (encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb)
-            return adapter.run_stock(attn, call, ctx, attend, slots=slots)
+            strict = self.strict and getattr(self.method, "needs_grid", True)
+            return adapter.run_stock(attn, call, ctx, attend, slots=slots, strict=strict)
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)

@@ -36,7 +36,7 @@ class Route:
     """One processor call's way to the method: what :func:`routed_dispatch` needs besides q, k, v."""
 
     def __init__(self, adapter: "RoutedAdapter", attn: torch.nn.Module, call: AttentionCall, ctx: RunContext,
-                 method: Callable[..., torch.Tensor], backend: Any) -> None:
+                 method: Callable[..., torch.Tensor], backend: Any, strict: bool = False) -> None:
         self.adapter = adapter
         self.attn = attn
         self.call = call
@@ -45,6 +45,8 @@ class Route:
         self.backend = backend
         """The attention backend the stock processor had (``set_attention_backend``); used for calls kept stock."""
         self.index = 0
+        self.strict = strict
+        """Refuse a call whose grid is unknown (``strict=True`` with a method that needs the grid)."""
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
@@ -64,6 +66,12 @@ class Route:
                                    scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
                                    backend=self.backend, parallel_config=parallel_config)
         layout, mask = self.adapter.layout(self.attn, self.call, self.ctx, query, key, attn_mask, index)
+        if self.strict and layout.grid_unknown:
+            raise LayoutError(
+                f"{self.ctx.layer}: method {getattr(self.method, 'name', '?')!r} needs the token grid, which is "
+                "unknown for this call "
+                f"({layout.unknown}); strict=True refuses the call (without strict it runs dense, as stock)"
+            )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = self.method(q, k, v, layout, self.ctx, attn_mask=mask, scale=scale)
         return out.transpose(1, 2)
@@ -181,8 +189,10 @@ class RoutedAdapter(Adapter):
         raise NotImplementedError
 
     def run_stock(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext,
-                  method: Callable[..., torch.Tensor], slots: tuple[Any, ...] | None = None) -> Any:
-        """The stock processor's ``__call__`` on the call's own arguments, its attention computed by ``method``."""
+                  method: Callable[..., torch.Tensor], slots: tuple[Any, ...] | None = None,
+                  strict: bool = False) -> Any:
+        """The stock processor's ``__call__`` on the call's own arguments, its attention computed by ``method``;
+        ``strict``: a dispatch call whose layout has an unknown grid raises :class:`LayoutError` instead."""
         stock = attn.__dict__.get("_diffaccel_stock_processor")
         if stock is None:  # a bare set_attn_processor: the module's default processor is the stock one
             default_cls = getattr(attn, "_default_processor_cls", None) or _PREPARED_BY_NAME.get(
@@ -193,7 +203,7 @@ class RoutedAdapter(Adapter):
                 )
             stock = default_cls()
         call = self.stock_call(attn, call, slots)
-        route = Route(self, attn, call, ctx, method, getattr(stock, "_attention_backend", None))
+        route = Route(self, attn, call, ctx, method, getattr(stock, "_attention_backend", None), strict)
         routed = routed_function(type(stock))
         kwargs: dict[str, Any] = dict(call.extra)
         if call.encoder_hidden_states is not None:

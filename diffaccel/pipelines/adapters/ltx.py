@@ -1,17 +1,19 @@
-"""LTX-Video attention (``LTXAttention`` with ``LTXVideoAttnProcessor``).
+"""LTX-Video (``LTXVideoTransformer3DModel``, ``LTXAttention``): routed through the stock ``LTXVideoAttnProcessor``.
 
-Self-attention (``attn1``) runs on the packed video tokens with RMS QK-norm across heads and LTX's RoPE
-(applied before the heads are split); its layout has the latent grid ``(F, H, W)`` and no text.
-Cross-attention (``attn2``) attends to the prompt tokens with the prompt padding mask, laid out as
-``is_cross``.
+diffusers' processor runs as is (its projections, the RMS QK-norm across heads, LTX's RoPE on the full projections,
+the prompt mask it prepares, the output projections); only its ``dispatch_attention_fn`` call reaches the method
+(``adapters/dispatch.py``, docs/adapters.md). This module holds the layout of that call:
+
+- self-attention (``attn1``): the packed video tokens, grid ``(F, H, W)``, no text;
+- cross-attention (``attn2``): video queries, prompt keys (``is_cross``), with the mask exactly as the stock processor
+  passes it (the prompt padding as an additive bias repeated per head, ``(batch, heads, 1, text)``).
 
 The latents arrive already packed (``(B, tokens, channels)``), so the grid is read from the ``num_frames``,
 ``height`` and ``width`` forward arguments, which also size the model's RoPE and therefore are the token grid.
 ``LTXConditionPipeline`` passes ``video_coords`` instead; the grid is recovered from them when they form a
-regular grid, and the self-attention falls back to dense (with a warning) when they do not (conditioning
-tokens prepended to the video).
+regular grid, and the self-attention's grid is unknown (dense, said once; ``strict=True`` raises) when they do not
+(conditioning tokens prepended to the video).
 
-Mirrors ``diffusers.models.transformers.transformer_ltx.LTXVideoAttnProcessor``.
 HaCohen et al., "LTX-Video: Realtime Video Latent Diffusion" (2024).
 """
 
@@ -21,22 +23,20 @@ import math
 from typing import Any
 
 import torch
-from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
 from diffaccel.layout import Grid, TokenLayout
 from diffaccel.pipelines.adapters.base import (
-    Adapter,
     AttentionCall,
     ModelFamily,
-    Projected,
     TensorMemo,
-    merge_heads,
-    register_adapter,
     grid_or_unknown,
+    register_adapter,
     register_family,
 )
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, prepare_routed
 
 
 def _self_attention_grid(ctx: RunContext, num_tokens: int) -> tuple[Grid | None, str | None]:
@@ -52,42 +52,19 @@ def _self_attention_grid(ctx: RunContext, num_tokens: int) -> tuple[Grid | None,
 
 
 @register_adapter
-class LTXVideoAttentionAdapter(Adapter):
-    """``LTXVideoAttnProcessor``: QK-norm and RoPE on the full projections, then heads; masks as stock prepares them."""
+class LTXVideoAttentionAdapter(RoutedAdapter):
+    """``LTXVideoAttnProcessor``: ``attn1`` on the video grid, ``attn2`` cross-attention to the prompt."""
 
     family = "ltx"
     stock_processors = ("LTXVideoAttnProcessor",)
 
-    def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
-        hidden_states = call.hidden_states
-        context = call.encoder_hidden_states
-        batch_size, sequence_length, _ = hidden_states.shape if context is None else context.shape
-        attention_mask = call.attention_mask
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        source = hidden_states if context is None else context
-        query = attn.norm_q(attn.to_q(hidden_states))
-        key = attn.norm_k(attn.to_k(source))
-        value = attn.to_v(source)
-        if call.image_rotary_emb is not None:
-            query = ltx_rotary(query, call.image_rotary_emb)
-            key = ltx_rotary(key, call.image_rotary_emb)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
-
-        num_tokens = query.shape[2]
-        if context is not None:
-            layout = TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[2])
-        else:
-            grid, unknown = _self_attention_grid(ctx, num_tokens)
-            layout = TokenLayout(num_tokens=num_tokens, grid=grid, unknown=unknown)
-        return Projected(query, key, value, layout, attn_mask=attention_mask, carry=query.dtype)  # finish needs only the projections' dtype
-
-    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        hidden_states = merge_heads(out).to(projected.carry)
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+    def layout(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, query: torch.Tensor,
+               key: torch.Tensor, attn_mask: torch.Tensor | None, index: int) -> tuple[TokenLayout, Any]:
+        num_tokens = query.shape[1]
+        if call.encoder_hidden_states is not None:
+            return TokenLayout(num_tokens=num_tokens, grid=None, is_cross=True, num_keys=key.shape[1]), attn_mask
+        grid, unknown = _self_attention_grid(ctx, num_tokens)
+        return TokenLayout(num_tokens=num_tokens, grid=grid, unknown=unknown), attn_mask
 
 
 def grid_from_video_coords(video_coords: torch.Tensor) -> Grid | None:
@@ -137,3 +114,5 @@ register_family(
         description="LTX-Video (self-attention on packed video tokens, cross-attention to text)",
     )
 )
+
+prepare_routed(LTXVideoAttnProcessor)
