@@ -79,14 +79,23 @@ def test_attend_context_parallel_refuses_masks_and_padded_prompts_before_any_exc
                                          who="method 'msw'")
 
 
-def test_attend_context_parallel_unsharded_call_is_the_method_on_the_shard():
+@pytest.mark.parametrize("cross", [True, False])
+def test_attend_context_parallel_unsharded_call_is_the_method_on_the_shard(cross):
+    """A call dispatched without the parallel config (its tensors are not sharded as a sequence) or a cross layout
+    runs the method on the local tensors: no exchange (none could run here: the config has no process group)."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (12, 5, 5))
-    local = TokenLayout(num_tokens=12, grid=None, is_cross=True, num_keys=5)
+    keys = 5 if cross else 12
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (12, keys, keys))
+    local = (TokenLayout(num_tokens=12, grid=None, is_cross=True, num_keys=5) if cross
+             else TokenLayout(num_tokens=12, grid=(3, 4)))
     method = get_method("dense")
     got = parallel.attend_context_parallel(method, q, k, v, local, RunContext(grid=(4, 6)), _config(),
                                            who="method 'dense'", sharded=False)
     assert torch.equal(got, method(q, k, v, local, RunContext(grid=(4, 6))))
+    if cross:  # a cross layout stays local even when the call is sharded (queries sharded, keys whole)
+        got = parallel.attend_context_parallel(method, q, k, v, local, RunContext(grid=(4, 6)), _config(),
+                                               who="method 'dense'", sharded=True)
+        assert torch.equal(got, method(q, k, v, local, RunContext(grid=(4, 6))))
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
