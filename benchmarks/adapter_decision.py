@@ -1,17 +1,17 @@
-"""The adapter decision (docs/adapters.md): explicit adapters (a) versus routed adapters (b), measured on FLUX.1.
+"""The adapter decision (docs/adapters.md), re-measured after FLUX.1's migration: stock versus the routed adapter.
 
-FLUX.1's ``FluxAttnProcessor`` calls ``dispatch_attention_fn``, so the same model can run through today's explicit
-adapter (``adapters/flux.py``, which re-implements the processor) and through a routed adapter (the stock processor
-runs, its attention call goes to the method; ``adapters/dispatch.py``) holding FLUX.1's layout only. For each of
-stock / (a) / (b), with the ``dense`` method:
+FLUX.1's adapter (``adapters/flux.py``) is routed since issue 13's migration: the stock ``FluxAttnProcessor`` runs,
+its ``dispatch_attention_fn`` call goes to the method (``adapters/dispatch.py``), the adapter holds the layout. The
+explicit adapter it replaced (a re-implementation of the processor, 199 lines) is deleted; its numbers are in
+docs/adapters.md. For stock and routed, with the ``dense`` method:
 
 1. exactness: the transformer output versus stock, fp32, max abs difference;
-2. per-call overhead: one double-stream attention module call, rounds alternating the three (order rotated),
+2. per-call overhead: one double-stream attention module call, rounds alternating the two (order rotated),
    warm-up excluded, median and interquartile range of microseconds per call;
 3. ``torch.compile``: graph breaks and graphs from ``torch._dynamo.explain`` on the transformer forward;
-4. lines of code of the FLUX.1 adapter either way.
+4. lines of code of the FLUX.1 adapter module.
 
-    python benchmarks/adapter_decision.py [--rounds 60] [--tokens 256] [--json out.json]
+    python benchmarks/adapter_decision.py [--rounds 60] [--tokens 8] [--json out.json]
 
 Runs on the CPU in a few minutes (no GPU needed; the numbers are Python overhead, which a GPU does not remove).
 """
@@ -26,26 +26,6 @@ import statistics
 import time
 
 import torch
-
-
-def _routed_flux_adapter():
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, grid_or_none, joint_layout, prepare_routed
-
-    class RoutedFlux(RoutedAdapter):
-        """FLUX.1 as a routed adapter: the layout only (text first; single-stream text length from the hook)."""
-
-        family = "flux"
-        stock_processors = ()
-
-        def layout(self, attn, call, ctx, query, key, attn_mask, index):
-            n = query.shape[1]
-            t = call.encoder_hidden_states.shape[1] if call.encoder_hidden_states is not None else int(ctx.text_len)
-            return joint_layout(n, grid_or_none(ctx, n - t, "FLUX.1"), t, text_first=True), attn_mask
-
-    prepare_routed(FluxAttnProcessor)
-    return RoutedFlux()
 
 
 def _model_and_inputs(tokens_side: int):
@@ -64,32 +44,16 @@ def _model_and_inputs(tokens_side: int):
     return model, kwargs
 
 
-class _Mode:
-    """Installs stock, explicit (a) or routed (b) on the model."""
+MODES = ("stock", "routed")
 
-    def __init__(self, model):
-        from diffaccel.pipelines.adapters import base
 
-        self.model = model
-        self.base = base
-        base._load_builtin_adapters()
-        self.explicit = base._ADAPTERS["FluxAttnProcessor"]
-        self.routed = _routed_flux_adapter()
+def _set(model, mode: str) -> None:
+    """Install stock (no diffaccel) or the routed FLUX.1 adapter (``diffaccel.apply(model, "dense")``)."""
+    import diffaccel
 
-    def set(self, mode: str) -> None:
-        import diffaccel
-
-        diffaccel.remove(self.model)
-        if mode == "stock":
-            return
-        self.base._ADAPTERS["FluxAttnProcessor"] = self.explicit if mode == "a" else self.routed
-        diffaccel.apply(self.model, "dense")
-
-    def restore(self) -> None:
-        import diffaccel
-
-        diffaccel.remove(self.model)
-        self.base._ADAPTERS["FluxAttnProcessor"] = self.explicit
+    diffaccel.remove(model)
+    if mode == "routed":
+        diffaccel.apply(model, "dense")
 
 
 def main() -> None:
@@ -103,17 +67,16 @@ def main() -> None:
     torch.set_num_threads(1)
 
     model, kwargs = _model_and_inputs(args.tokens)
-    modes = _Mode(model)
     result: dict = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "tokens": args.tokens ** 2 + 32, "command": "python benchmarks/adapter_decision.py"}
 
     # 1. exactness
     outs = {}
     with torch.no_grad():
-        for mode in ("stock", "a", "b"):
-            modes.set(mode)
+        for mode in MODES:
+            _set(model, mode)
             outs[mode] = model(**kwargs, return_dict=False)[0]
-    result["max_abs_diff"] = {m: float((outs[m] - outs["stock"]).abs().max()) for m in ("a", "b")}
+    result["max_abs_diff"] = {"routed": float((outs["routed"] - outs["stock"]).abs().max())}
 
     # 2. per-call overhead on one double-stream attention module, the processor's inputs captured once
     attn = model.transformer_blocks[0].attn
@@ -124,16 +87,16 @@ def main() -> None:
         captured["hidden_states"] = a[0] if a else k["hidden_states"]
 
     handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    modes.set("stock")
+    _set(model, "stock")
     with torch.no_grad():
         model(**kwargs)
     handle.remove()
-    samples: dict[str, list[float]] = {"stock": [], "a": [], "b": []}
-    order = ["stock", "a", "b"]
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    order = list(MODES)
     with torch.no_grad():
         for r in range(args.rounds + 3):
-            for mode in order[r % 3:] + order[:r % 3]:
-                modes.set(mode)
+            for mode in order[r % 2:] + order[:r % 2]:
+                _set(model, mode)
                 if mode != "stock":  # the hook's context as one denoiser call leaves it
                     processor = model.__dict__["_diffaccel_installation"].processor
                     processor.context.grid, processor.context.text_len = (args.tokens, args.tokens), 32
@@ -151,21 +114,21 @@ def main() -> None:
     # 3. torch.compile graph breaks
     if not args.no_compile:
         result["dynamo"] = {}
-        for mode in ("stock", "a", "b"):
-            modes.set(mode)
+        for mode in MODES:
+            _set(model, mode)
             torch._dynamo.reset()
             with torch.no_grad():
                 explanation = torch._dynamo.explain(model)(**kwargs)
             reasons = sorted({str(b.reason).splitlines()[0][:140] for b in explanation.break_reasons})
             result["dynamo"][mode] = {"graph_breaks": explanation.graph_break_count,
                                       "graphs": explanation.graph_count, "reasons": reasons[:5]}
-    modes.restore()
+    _set(model, "stock")
 
     # 4. lines of code
     from diffaccel.pipelines.adapters import flux
 
-    result["loc"] = {"a (adapters/flux.py)": len(inspect.getsource(flux).splitlines()),
-                     "b (layout class in this script)": len(inspect.getsource(_routed_flux_adapter).splitlines())}
+    result["loc"] = {"adapters/flux.py": len(inspect.getsource(flux).splitlines()),
+                     "FluxAdapter (layout class)": len(inspect.getsource(flux.FluxAdapter).splitlines())}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -212,7 +212,7 @@ def test_tensor_memo_keys_on_object_and_version():
 
 def test_flux_single_stream_text_length_is_kept_per_run_context():
     """Without the hook, single-stream calls take the text length of the last double-stream call of their context."""
-    from diffaccel.pipelines.adapters.flux import FluxAttentionAdapter
+    from diffaccel.pipelines.adapters.flux import FluxAdapter
     from diffaccel.pipelines.adapters.base import adapter_for
 
     model = tiny_flux()
@@ -224,7 +224,7 @@ def test_flux_single_stream_text_length_is_kept_per_run_context():
         warnings.simplefilter("ignore", DiffAccelWarning)
         assert (run(model, inputs) - expected).abs().max() <= 1e-5
         adapter = adapter_for(model.transformer_blocks[0].attn)
-        assert isinstance(adapter, FluxAttentionAdapter)
+        assert isinstance(adapter, FluxAdapter)
         assert adapter._joint_text_len.get(one) == inputs["encoder_hidden_states"].shape[1]
         assert two not in adapter._joint_text_len
         assert not hasattr(one, "joint_text_len") and not hasattr(one, "perturbed_rows")

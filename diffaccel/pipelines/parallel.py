@@ -8,14 +8,16 @@ it must do the exchange itself, or every rank would run its method on its own sh
 sequence. This module does it with diffusers' own collective (``attention_dispatch._all_to_all_single``) on the
 config's Ulysses mesh, so each rank runs the method on the **whole** sequence for ``heads / degree`` of the heads:
 
-1. the adapter projects the local tokens (its layout checks see the shard: a per-call copy of the run context
-   holds the shard's grid size and text length);
+1. the stock processor (routed adapters: it runs as is and passes its ``parallel_config`` to the dispatcher,
+   where the route hands the call to :func:`attend_context_parallel`) or the explicit adapter projects the local
+   tokens; the layout sees the shard (a per-call copy of the run context holds the shard's grid size and text
+   length);
 2. q, k, v go sequence -> heads; the gathered sequence is rank 0's shard, rank 1's, ...; each shard is
    ``[text, visual]`` (or ``[visual, text]``), so a permutation restores the model's token order ``[all text,
    all visual]`` and the method sees the layout of the single-process call (grid, text slice);
 3. ``ctx.heads`` (:class:`~diffaccel.context.HeadShard`) says which global heads the rank holds, for methods
    with per-head state (tile's per-head frames, AdaSpa's head tiers);
-4. the output goes back to the shard's order and heads -> sequence; the adapter finishes on the local tokens.
+4. the output goes back to the shard's order and heads -> sequence; the processor finishes on the local tokens.
 
 Ring degree > 1 computes attention over key shards, which only a method that merges partial results by LSE
 can do: ``dense`` runs through diffusers' dispatcher (its templated ring / unified attention, exact); any other
@@ -198,43 +200,58 @@ def shard_context(ctx: RunContext, world: int, who: str) -> RunContext:
     return shard
 
 
-def run_context_parallel(
-    method: Any, adapter: Adapter, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, config: Any
-) -> Any:
-    """One attention call of a context-parallel model (``config``: diffusers' ``ParallelConfig``): project the
-    shard, run ``method`` on the whole sequence (Ulysses) or dense ring attention through diffusers, finish the
-    shard."""
+def world_size(config: Any) -> int:
+    """Ranks the sequence is sharded over: ``ulysses_degree * ring_degree`` of diffusers' ``ParallelConfig``."""
     cp = config.context_parallel_config
+    return int(cp.ulysses_degree) * int(cp.ring_degree)
+
+
+def check_context_parallel(method: Any, family: str, attn: torch.nn.Module, config: Any) -> str:
+    """The mode ``method`` runs under for ``config`` on an attention module of ``family``, or a ConfigError (a
+    method without that mode, a family whose sharding is not undone here). Called before any projection."""
     name = getattr(method, "name", type(method).__name__)
-    mode = check_method(method, cp)
-    family = adapter.family
+    mode = check_method(method, config.context_parallel_config)
     if family not in SUPPORTED_FAMILIES:
+        label = family or type(attn).__name__
         raise ConfigError(
-            f"method {name!r} under context parallelism on a {family or type(attn).__name__} model: diffaccel "
-            f"undoes the sequence sharding of the families {', '.join(SUPPORTED_FAMILIES)} only"
+            f"method {name!r} under context parallelism on a {label} model: the {label} family is not supported "
+            f"(diffaccel undoes the sequence sharding of the families {', '.join(SUPPORTED_FAMILIES)} only)"
         )
-    world = int(cp.ulysses_degree) * int(cp.ring_degree)
-    who = f"method {name!r} at layer {ctx.layer}"
-    projected = adapter.project(attn, call, shard_context(ctx, world, who))
-    q, k, v, local = projected.q, projected.k, projected.v, projected.layout
-    if projected.attn_mask is not None or local.text_lengths is not None:
+    return mode
+
+
+def attend_context_parallel(
+    method: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: TokenLayout, ctx: RunContext,
+    config: Any, *, who: str, attn_mask: torch.Tensor | None = None, scale: float | None = None,
+    sharded: bool = True,
+) -> torch.Tensor:
+    """``method`` on one rank's ``(B, H, S_local, D)`` q, k, v of a context-parallel model, ``local`` being the
+    layout of the shard (the adapter built it from :func:`shard_context`); returns this rank's ``(B, H, S_local,
+    D)`` output.
+
+    Ulysses: sequence -> heads, the model's token order restored, the method on the whole sequence for this rank's
+    heads (``ctx.heads``), and back. Ring (dense only): the key/value shards gathered. ``sharded=False`` (the stock
+    processor dispatched this call without its parallel config: Wan's cross-attention, whose keys are whole) and
+    cross-attention layouts run the method on the local queries, which is exact per query."""
+    if attn_mask is not None or local.text_lengths is not None:
         raise ConfigError(
             f"{who}: attention masks (padded prompts) are not supported under context parallelism by diffaccel"
         )
-    if local.is_cross:
+    cp = config.context_parallel_config
+    mode = check_method(method, cp)
+    world = world_size(config)
+    if local.is_cross or not sharded:
         # queries sharded, keys whole (Wan keeps the text context unsplit): per-query attention is exact as is;
         # MethodBase keeps cross-attention dense.
-        out = method(q, k, v, local, ctx, attn_mask=None, scale=projected.scale)
-        return adapter.finish(attn, out, projected)
+        return method(q, k, v, local, ctx, attn_mask=None, scale=scale)
     if mode == "ring":
         # diffusers' ring attention with rotate_method="allgather" gathers every key/value shard and merges the
         # per-shard results by LSE; its native (CPU) backend cannot return an LSE, so the gathered keys are
         # attended in one call instead (the same result). Key order does not matter to dense attention.
         group = cp._ring_mesh.get_group()
         k, v = (_all_gather(t, 2, group) for t in (k, v))
-        out = method(q, k, v, dataclasses.replace(local, grid=None, text=None, is_cross=True, num_keys=k.shape[2]),
-                     ctx, attn_mask=None, scale=projected.scale)
-        return adapter.finish(attn, out, projected)
+        return method(q, k, v, dataclasses.replace(local, grid=None, text=None, is_cross=True, num_keys=k.shape[2]),
+                      ctx, attn_mask=None, scale=scale)
     heads = q.shape[1]
     if heads % world:
         raise ConfigError(
@@ -253,12 +270,26 @@ def run_context_parallel(
     shard = HeadShard(offset=rank * local_heads, total=heads, gather=lambda x: _gather_heads(x, world, group))
     previous, ctx.heads = ctx.heads, shard
     try:
-        out = method(q, k, v, layout, ctx, attn_mask=None, scale=projected.scale)
+        out = method(q, k, v, layout, ctx, attn_mask=None, scale=scale)
     finally:
         ctx.heads = previous
     if order is not None:
         out = out.index_select(2, torch.argsort(order))
-    out = heads_to_seq(out, world, group)
+    return heads_to_seq(out, world, group)
+
+
+def run_context_parallel(
+    method: Any, adapter: Adapter, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, config: Any
+) -> Any:
+    """One attention call of an explicit (``project``/``finish``) adapter under context parallelism: project the
+    shard, :func:`attend_context_parallel`, finish the shard. (Routed adapters call
+    :func:`attend_context_parallel` from their dispatch route, ``adapters/dispatch.py``.)"""
+    check_context_parallel(method, adapter.family, attn, config)
+    name = getattr(method, "name", type(method).__name__)
+    who = f"method {name!r} at layer {ctx.layer}"
+    projected = adapter.project(attn, call, shard_context(ctx, world_size(config), who))
+    out = attend_context_parallel(method, projected.q, projected.k, projected.v, projected.layout, ctx, config,
+                                  who=who, attn_mask=projected.attn_mask, scale=projected.scale)
     return adapter.finish(attn, out, projected)
 
 

@@ -17,7 +17,7 @@ from diffaccel.methods.base import AttentionMethod, get_method
 from diffaccel.pipelines import compile_ops
 from diffaccel.pipelines.objects import picklable_method
 from diffaccel.pipelines.adapters.base import AttentionCall, adapter_for
-from diffaccel.pipelines.parallel import parallel_config, run_context_parallel
+from diffaccel.pipelines.parallel import check_context_parallel, parallel_config, run_context_parallel
 from diffaccel.warn import warn_once
 
 INSTALLED_PROCESSOR = "_diffaccel_processor"
@@ -173,14 +173,11 @@ class DiffAccelAttnProcessor:
         if not compiling:
             ctx.layer = layer_name(attn)
         if getattr(adapter, "runs_stock", False):  # the stock processor runs, its attention call routed (dispatch.py)
-            if parallel is not None:
-                raise ConfigError(
-                    f"method {self.method.name!r} under context parallelism: the {adapter.family} family is not "
-                    "supported yet (supported: the families in diffaccel.pipelines.parallel.SUPPORTED_FAMILIES)"
-                )
+            if parallel is not None:  # refused before any projection; the route runs the exchange (parallel.py)
+                check_context_parallel(self.method, adapter.family, attn, parallel)
             slots = (encoder_hidden_states, attention_mask, image_rotary_emb, rotary_emb, temb)
             strict = self.strict and getattr(self.method, "needs_grid", True)
-            return adapter.run_stock(attn, call, ctx, attend, slots=slots, strict=strict)
+            return adapter.run_stock(attn, call, ctx, attend, slots=slots, strict=strict, parallel=parallel)
         if parallel is not None:  # diffusers context parallelism: the sequence is sharded across ranks
             return run_context_parallel(self.method, adapter, attn, call, ctx, parallel)
         projected = adapter.project(attn, call, ctx)

@@ -36,7 +36,8 @@ class Route:
     """One processor call's way to the method: what :func:`routed_dispatch` needs besides q, k, v."""
 
     def __init__(self, adapter: "RoutedAdapter", attn: torch.nn.Module, call: AttentionCall, ctx: RunContext,
-                 method: Callable[..., torch.Tensor], backend: Any, strict: bool = False) -> None:
+                 method: Callable[..., torch.Tensor], backend: Any, *, strict: bool = False,
+                 parallel: Any = None) -> None:
         self.adapter = adapter
         self.attn = attn
         self.call = call
@@ -47,15 +48,35 @@ class Route:
         self.index = 0
         self.strict = strict
         """Refuse a call whose grid is unknown (``strict=True`` with a method that needs the grid)."""
+        self.parallel = parallel
+        """diffusers' ``ParallelConfig`` when the model runs context parallelism (the processor's), else ``None``."""
+        self._shard_ctx: RunContext | None = None
+
+    def layout_context(self) -> RunContext:
+        """The run context the adapter's layout sees: under context parallelism a copy describing this rank's shard
+        (:func:`~diffaccel.pipelines.parallel.shard_context`), else the run context itself."""
+        if self.parallel is None:
+            return self.ctx
+        if self._shard_ctx is None:
+            from diffaccel.pipelines import parallel
+
+            self._shard_ctx = parallel.shard_context(self.ctx, parallel.world_size(self.parallel), self.who())
+        return self._shard_ctx
+
+    def who(self) -> str:
+        name = getattr(self.method, "name", None) or getattr(self.adapter, "family", "?")
+        return f"method {name!r} at layer {self.ctx.layer}"
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
                attention_kwargs: dict[str, Any] | None, parallel_config: Any) -> torch.Tensor:
-        """The method's attention on diffusers' ``(batch, tokens, heads, head_dim)`` tensors, in the same layout."""
+        """The method's attention on diffusers' ``(batch, tokens, heads, head_dim)`` tensors, in the same layout.
+
+        A call the stock processor dispatches with ``parallel_config`` (context parallelism: the tokens are this
+        rank's shard) runs :func:`~diffaccel.pipelines.parallel.attend_context_parallel` around the method."""
         index = self.index
         self.index += 1
-        unsupported = _unsupported_features(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs,
-                                            parallel_config)
+        unsupported = _unsupported_features(query, key, dropout_p, is_causal, enable_gqa, attention_kwargs)
         if unsupported:
             warn_once(
                 f"routed-stock:{type(self.attn).__name__}:{unsupported}",
@@ -65,20 +86,32 @@ class Route:
             return _STOCK_DISPATCH(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                    scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
                                    backend=self.backend, parallel_config=parallel_config)
-        layout, mask = self.adapter.layout(self.attn, self.call, self.ctx, query, key, attn_mask, index)
+        layout, mask = self.adapter.layout(self.attn, self.call, self.layout_context(), query, key, attn_mask, index)
+        if layout is None:  # the adapter keeps this call stock (an extra attention the method never sees)
+            return _STOCK_DISPATCH(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                   scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
+                                   backend=self.backend, parallel_config=parallel_config)
         if self.strict and layout.grid_unknown:
             raise LayoutError(
                 f"{self.ctx.layer}: method {getattr(self.method, 'name', '?')!r} needs the token grid, which is "
-                "unknown for this call "
-                f"({layout.unknown}); strict=True refuses the call (without strict it runs dense, as stock)"
+                f"unknown for this call ({layout.unknown}); strict=True refuses the call (without strict it runs "
+                "dense, as stock)"
             )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = self.method(q, k, v, layout, self.ctx, attn_mask=mask, scale=scale)
+        if self.parallel is not None:
+            from diffaccel.pipelines import parallel
+
+            out = parallel.attend_context_parallel(
+                self.method, q, k, v, layout, self.ctx, self.parallel, who=self.who(), attn_mask=mask, scale=scale,
+                sharded=parallel_config is not None,
+            )
+        else:
+            out = self.method(q, k, v, layout, self.ctx, attn_mask=mask, scale=scale)
         return out.transpose(1, 2)
 
 
 def _unsupported_features(query: torch.Tensor, key: torch.Tensor, dropout_p: float, is_causal: bool,
-                          enable_gqa: bool, attention_kwargs: dict[str, Any] | None, parallel_config: Any) -> str:
+                          enable_gqa: bool, attention_kwargs: dict[str, Any] | None) -> str:
     if dropout_p:
         return f"dropout_p={dropout_p}"
     if is_causal:
@@ -87,8 +120,6 @@ def _unsupported_features(query: torch.Tensor, key: torch.Tensor, dropout_p: flo
         return f"grouped-query attention ({query.shape[2]} query heads, {key.shape[2]} key heads)"
     if attention_kwargs:
         return f"attention_kwargs={sorted(attention_kwargs)}"
-    if parallel_config is not None:
-        return "diffusers context parallelism (parallel_config)"
     return ""
 
 
@@ -109,14 +140,14 @@ def routed_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 class _StockView:
     """The stock processor as its ``__call__`` sees it: ``_attention_backend`` is the call's route,
-    ``_parallel_config`` the stock processor's, any other attribute read from the stock processor. (Processors that
+    ``_parallel_config`` the diffaccel processor's (what ``enable_parallelism`` set, or ``None``), any other attribute read from the stock processor. (Processors that
     write state on ``self``, like FLUX.2's KV-cache ones, are not routed.) Plain attributes, so ``torch.compile``
     traces it without a graph break."""
 
     def __init__(self, stock: Any, route: Route) -> None:
         self._stock = stock
         self._attention_backend = route
-        self._parallel_config = getattr(stock, "_parallel_config", None)
+        self._parallel_config = route.parallel
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_stock"], name)
@@ -180,19 +211,23 @@ class RoutedAdapter(Adapter):
 
     def layout(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, query: torch.Tensor,
                key: torch.Tensor, attn_mask: torch.Tensor | None, index: int
-               ) -> tuple[TokenLayout, torch.Tensor | None]:
+               ) -> tuple[TokenLayout | None, torch.Tensor | None]:
         """The layout of dispatch call ``index`` of this processor call, and the mask the method gets.
 
         ``query``/``key`` are diffusers' ``(batch, tokens, heads, head_dim)``; ``attn_mask`` is the mask the stock
-        processor passed to the dispatcher.
+        processor passed to the dispatcher. A layout of ``None`` keeps the call stock: diffusers' dispatcher runs it
+        with the stock backend and the method never sees it (an IP-adapter or I2V image-context attention).
         """
         raise NotImplementedError
 
     def run_stock(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext,
-                  method: Callable[..., torch.Tensor], slots: tuple[Any, ...] | None = None,
-                  strict: bool = False) -> Any:
-        """The stock processor's ``__call__`` on the call's own arguments, its attention computed by ``method``;
-        ``strict``: a dispatch call whose layout has an unknown grid raises :class:`LayoutError` instead."""
+                  method: Callable[..., torch.Tensor], slots: tuple[Any, ...] | None = None, *,
+                  strict: bool = False, parallel: Any = None) -> Any:
+        """The stock processor's ``__call__`` on the call's own arguments, its attention computed by ``method``.
+
+        ``strict``: a call whose grid is unknown raises (the processor passes it for methods that need a grid).
+        ``parallel``: diffusers' ``ParallelConfig`` under context parallelism; the stock processor sees it as its
+        ``_parallel_config`` and passes it to the dispatcher for the calls it shards, as it does stock."""
         stock = attn.__dict__.get("_diffaccel_stock_processor")
         if stock is None:  # a bare set_attn_processor: the module's default processor is the stock one
             default_cls = getattr(attn, "_default_processor_cls", None) or _PREPARED_BY_NAME.get(
@@ -203,7 +238,8 @@ class RoutedAdapter(Adapter):
                 )
             stock = default_cls()
         call = self.stock_call(attn, call, slots)
-        route = Route(self, attn, call, ctx, method, getattr(stock, "_attention_backend", None), strict)
+        route = Route(self, attn, call, ctx, method, getattr(stock, "_attention_backend", None), strict=strict,
+                      parallel=parallel)
         routed = routed_function(type(stock))
         kwargs: dict[str, Any] = dict(call.extra)
         if call.encoder_hidden_states is not None:

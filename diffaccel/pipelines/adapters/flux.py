@@ -1,9 +1,8 @@
-"""FLUX.1 attention (``FluxAttention`` with ``FluxAttnProcessor``): double- and single-stream blocks.
+"""FLUX.1 attention (``FluxAttention`` with ``FluxAttnProcessor``): double- and single-stream blocks, routed.
 
 Double-stream blocks project text with their own (``add_*``) projections and put the text tokens first;
-single-stream blocks receive text and image already concatenated (text first) and have no output projection
-(``pre_only``). RoPE covers the whole text+image sequence. Mirrors
-``diffusers.models.transformers.transformer_flux.FluxAttnProcessor``, unfused and fused projections.
+single-stream blocks receive text and image already concatenated (text first). The stock processor runs as it is
+(``adapters/dispatch.py``); this module holds the layout, the grid read from ``img_ids`` and the IP-adapter wrapper.
 
 Black Forest Labs, FLUX.1 (2024), https://github.com/black-forest-labs/flux.
 """
@@ -11,175 +10,82 @@ Black Forest Labs, FLUX.1 (2024), https://github.com/black-forest-labs/flux.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
 from diffaccel.context import RunContext
 from diffaccel.errors import LayoutError
 from diffaccel.layout import TokenLayout
 from diffaccel.pipelines.adapters.base import (
-    Adapter,
     AttentionCall,
     ModelFamily,
-    Projected,
     TensorMemo,
-    merge_heads,
-    register_adapter,
     grid_or_unknown,
+    register_adapter,
     register_family,
     register_processor_wrapper,
 )
-
-@dataclass(frozen=True)
-class FluxCarry:
-    """What :meth:`FluxAttentionAdapter.finish` needs: the text length of a double-stream call (``None`` for a
-    single-stream one, which returns the joint sequence unsplit) and the dtype of the projections."""
-
-    num_text: int | None
-    dtype: torch.dtype
-    image_query: torch.Tensor | None = None
-    """The image queries after QK-norm and before RoPE, ``(batch, tokens, heads, head_dim)``: the IP-adapter
-    queries (kept only by :class:`FluxIPAdapterAttentionAdapter`)."""
-    ip_hidden_states: Any = None
-
+from diffaccel.pipelines.adapters.dispatch import RoutedAdapter, prepare_routed
 
 @register_adapter
-class FluxAttentionAdapter(Adapter):
-    """``FluxAttnProcessor``: per-head RMS QK-norm, ``[text, image]`` concatenation, RoPE over the whole sequence."""
+class FluxAdapter(RoutedAdapter):
+    """FLUX.1's processors, routed: the stock ``FluxAttnProcessor`` / ``FluxIPAdapterAttnProcessor`` run as they are
+    (projections, fused QKV, QK-norm, RoPE, output projections, IP-adapter branch); the adapter gives the layout.
+
+    Dispatch call 0 is the joint attention (``[text, image]``, text first; single-stream blocks: the text length
+    from the hook or the last double-stream call); calls 1... are the IP-adapter attentions of the image queries to
+    the image-prompt tokens (``FluxIPAdapterAttnProcessor``), kept stock (diffusers' dispatcher, dense). A grid that the
+    run's ``img_ids`` do not give (random ids, Kontext reference latents) marks the layout unknown: dense runs as
+    stock, methods that need a grid fall back to dense (said once) or raise under ``strict=True``.
+    """
 
     family = "flux"
-    stock_processors = ("FluxAttnProcessor",)
-    keeps_image_query: bool = False
+    stock_processors = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
 
     def __init__(self) -> None:
         # Text length of the last double-stream call per run context, for the single-stream calls after it; needed
         # only without the diffaccel.apply hook (which sets ctx.text_len). FLUX bookkeeping, so it lives here.
         self._joint_text_len: weakref.WeakKeyDictionary[RunContext, int] = weakref.WeakKeyDictionary()
 
-    def project(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext) -> Projected:
-        hidden_states = call.hidden_states
-        encoder_hidden_states = call.encoder_hidden_states
+    def run_stock(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, method: Any,
+                  slots: tuple[Any, ...] | None = None, **options: Any) -> Any:
         double_stream = attn.added_kv_proj_dim is not None
-        if double_stream != (encoder_hidden_states is not None):
+        if double_stream != (call.encoder_hidden_states is not None):
             raise LayoutError(
                 f"FluxAttention {'with' if double_stream else 'without'} text projections (added_kv_proj_dim="
                 f"{attn.added_kv_proj_dim}) was called {'without' if double_stream else 'with'} "
                 "encoder_hidden_states; FluxAttnProcessor supports double-stream calls with text and single-stream "
                 "calls without"
             )
+        return super().run_stock(attn, call, ctx, method, slots, **options)
 
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        # (batch, tokens, heads, head_dim) as the stock processor works in, until the method call.
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        image_query = query if self.keeps_image_query else None
-
-        if double_stream:
-            if getattr(attn, "fused_projections", False):
-                text_query, text_key, text_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                text_query = attn.add_q_proj(encoder_hidden_states)
-                text_key = attn.add_k_proj(encoder_hidden_states)
-                text_value = attn.add_v_proj(encoder_hidden_states)
-            text_query, text_key, text_value = (
-                t.unflatten(-1, (-1, attn.head_dim)) for t in (text_query, text_key, text_value)
-            )
-            text_query = attn.norm_added_q(text_query)
-            text_key = attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
-
-        if call.image_rotary_emb is not None:
-            query = apply_rotary_emb(query, call.image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, call.image_rotary_emb, sequence_dim=1)
-
+    def layout(self, attn: torch.nn.Module, call: AttentionCall, ctx: RunContext, query: torch.Tensor,
+               key: torch.Tensor, attn_mask: torch.Tensor | None, index: int
+               ) -> tuple[TokenLayout | None, torch.Tensor | None]:
         num_tokens = query.shape[1]
-        if double_stream:
-            num_text = encoder_hidden_states.shape[1]
+        if index > 0:  # IP-adapter: image queries (before RoPE) to the image-prompt tokens: stock (dense), as before
+            return None, attn_mask
+        if call.encoder_hidden_states is not None:
+            num_text = int(call.encoder_hidden_states.shape[1])
             if not torch.compiler.is_compiling():  # traced, the store would guard on the dict (a recompile)
                 self._joint_text_len[ctx] = num_text
         else:
-            num_text = None
             try:
                 num_text = _single_stream_text_len(ctx, num_tokens, self._joint_text_len.get(ctx))
             except LayoutError as exc:  # dense needs no text length: the call runs, methods needing one fall back
-                layout = TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc))
-        if num_text is not None:
-            grid, _, unknown = grid_or_unknown(ctx, num_tokens - num_text)
-            layout = TokenLayout(num_tokens=num_tokens, grid=grid, text=slice(0, num_text), unknown=unknown)
-
-        attn_mask = call.attention_mask
-        # diffusers' native attention backend widens a (batch, keys) mask to (batch, 1, 1, keys).
-        if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
-            attn_mask = attn_mask[:, None, None, :]
-
-        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
-        return Projected(
-            query, key, value, layout, attn_mask=attn_mask,
-            carry=FluxCarry(
-                num_text=num_text if double_stream else None, dtype=query.dtype, image_query=image_query,
-                ip_hidden_states=call.extra.get("ip_hidden_states") if self.keeps_image_query else None,
-            ),
-        )
-
-    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        carry: FluxCarry = projected.carry
-        hidden_states = merge_heads(out).to(carry.dtype)
-        num_text = carry.num_text
-        if num_text is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [num_text, hidden_states.shape[1] - num_text], dim=1
-        )
-        hidden_states = attn.to_out[0](hidden_states.contiguous())
-        hidden_states = attn.to_out[1](hidden_states)
-        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-        return hidden_states, encoder_hidden_states
+                return TokenLayout(num_tokens=num_tokens, grid=None, unknown=str(exc)), _widened(attn_mask, query, key)
+        grid, _, unknown = grid_or_unknown(ctx, num_tokens - num_text)
+        layout = TokenLayout(num_tokens=num_tokens, grid=grid, text=slice(0, num_text), unknown=unknown)
+        return layout, _widened(attn_mask, query, key)
 
 
-@register_adapter
-class FluxIPAdapterAttentionAdapter(FluxAttentionAdapter):
-    """``FluxIPAdapterAttnProcessor`` (``FluxTransformer2DModel.load_ip_adapter``): the joint attention runs the
-    method; the IP-adapter attention of the image queries (before RoPE) to the projected image-prompt tokens is
-    added dense, as the stock processor computes it, and returned as the block's third output.
-
-    The IP weights (``to_k_ip``, ``to_v_ip``) and ``scale`` are read from the module's processor
-    (:class:`DiffAccelFluxIPAdapterAttnProcessor`, which shares them with the stock one).
-    """
-
-    stock_processors = ("FluxIPAdapterAttnProcessor",)
-    keeps_image_query = True
-
-    def finish(self, attn: torch.nn.Module, out: torch.Tensor, projected: Projected) -> Any:
-        result = super().finish(attn, out, projected)
-        carry: FluxCarry = projected.carry
-        if carry.num_text is None:  # single-stream blocks have no IP-adapter attention
-            return result
-        hidden_states, encoder_hidden_states = result
-        weights = attn.processor if hasattr(attn.processor, "to_k_ip") else attn.__dict__["_diffaccel_stock_processor"]
-        ip_query = carry.image_query
-        batch = ip_query.shape[0]
-        ip_out = torch.zeros_like(hidden_states)
-        for states, scale, to_k_ip, to_v_ip in zip(
-            carry.ip_hidden_states or (), weights.scale, weights.to_k_ip, weights.to_v_ip
-        ):
-            ip_key = to_k_ip(states).view(batch, -1, attn.heads, attn.head_dim)
-            ip_value = to_v_ip(states).view(batch, -1, attn.heads, attn.head_dim)
-            # IP cross-attention stays dense: PyTorch SDPA as diffusers' native backend calls it
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                *(t.permute(0, 2, 1, 3) for t in (ip_query, ip_key, ip_value)), dropout_p=0.0, is_causal=False
-            ).permute(0, 2, 1, 3)
-            ip_out += scale * attended.reshape(batch, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
-        return hidden_states, encoder_hidden_states, ip_out
+def _widened(attn_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """A ``(batch, keys)`` mask as ``(batch, 1, 1, keys)``, as diffusers' native attention backend widens it."""
+    if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape == (query.shape[0], key.shape[1]):
+        return attn_mask[:, None, None, :]
+    return attn_mask
 
 
 class DiffAccelFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
@@ -187,7 +93,7 @@ class DiffAccelFluxIPAdapterAttnProcessor(FluxIPAdapterAttnProcessor):
 
     It owns the original's ``to_k_ip``/``to_v_ip`` modules (the same objects, so ``state_dict`` keys, device moves
     and ``set_ip_adapter_scale`` behave as with the stock processor) and passes every call to the diffaccel
-    processor, whose :class:`FluxIPAdapterAttentionAdapter` adds the IP-adapter attention. ``isinstance`` checks
+    processor, which runs the stock IP-adapter processor routed (:class:`FluxAdapter`). ``isinstance`` checks
     for ``FluxIPAdapterAttnProcessor`` in diffusers (``unload_ip_adapter``, scale setting) hold.
     """
 
@@ -324,3 +230,5 @@ register_family(
         description="FLUX.1 (double-stream joint attention and single-stream blocks, text tokens first)",
     )
 )
+
+prepare_routed(FluxAttnProcessor, FluxIPAdapterAttnProcessor)
