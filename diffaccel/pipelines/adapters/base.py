@@ -1,12 +1,18 @@
 """The adapter interface: model code around the attention call, one adapter per stock diffusers processor.
 
-An adapter reproduces its stock processor exactly, split at the attention call: :meth:`Adapter.project`
-computes q, k, v (projections, QK-norm, RoPE, text/image concatenation) and the :class:`TokenLayout`;
-:meth:`Adapter.finish` applies the output projections and splits the streams. Between the two, the method
-computes attention. With the ``dense`` method the result equals the stock processor's.
+Two kinds (docs/adapters.md has the decision and its measurements):
 
-Adapters are registered by the class name of the stock processor they reproduce. A denoiser family (model
-class) registers how its forward inputs give the latent grid and the text length (:class:`ModelFamily`).
+- a *routed* adapter (:class:`~diffaccel.pipelines.adapters.dispatch.RoutedAdapter`, ten of the thirteen families)
+  runs the stock processor unchanged and supplies only the :class:`TokenLayout` of its ``dispatch_attention_fn``
+  call, which goes to the method;
+- an *explicit* adapter (SD3, CogVideoX, UNet, whose stock processors call ``F.scaled_dot_product_attention``
+  directly) reproduces its stock processor exactly, split at the attention call: :meth:`Adapter.project` computes
+  q, k, v (projections, QK-norm, RoPE, text/image concatenation) and the layout; :meth:`Adapter.finish` applies the
+  output projections and splits the streams.
+
+Either way, with the ``dense`` method the result equals the stock processor's. Adapters are registered by the class
+name of the stock processor they serve. A denoiser family (model class) registers how its forward inputs give the
+latent grid and the text length (:class:`ModelFamily`).
 """
 
 from __future__ import annotations
