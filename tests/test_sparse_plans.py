@@ -345,16 +345,23 @@ def test_plan_is_none_where_the_method_runs_dense():
     assert method.plan(low, RunContext(grid=(16, 16), layer="a", step=1)) is None  # UNet level below the limit
 
 
-def test_padding_lengths_on_a_text_prefix_fall_back_to_dense_with_a_warning():
-    """Valid text tokens come first inside a *suffix* (HunyuanVideo); a prefix with lengths is not cut: dense + warning."""
-    from diffaccel.warn import DiffAccelWarning
+def test_padding_lengths_on_a_text_prefix_run_the_method_on_the_valid_tokens():
+    """A padded text *prefix* (Qwen-Image: valid tokens first, padding, then the image) runs the method as the prompt
+    cut to its valid length would: the valid rows equal the cut call, padded rows are finite, nothing falls back."""
+    import warnings
 
-    grid, nt = (4, 4), 6
-    lay = TokenLayout(num_tokens=22, grid=grid, text=slice(0, nt), text_lengths=(3,))
+    grid, nt, valid = (4, 4), 6, 3
+    lay = TokenLayout(num_tokens=22, grid=grid, text=slice(0, nt), text_lengths=(valid,))
     keep = torch.ones(1, 1, 1, 22, dtype=torch.bool)
-    keep[..., 3:nt] = False
+    keep[..., valid:nt] = False
     q, k, v = qkv(22, batch=1)
     method = get_method("gna", kernel_size=3, block_size=16, backend="reference")
-    with pytest.warns(DiffAccelWarning, match="mask other than a text key-padding mask"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = method(q, k, v, lay, RunContext(grid=grid, layer="a"), attn_mask=keep)
-    assert_close(out, sdpa(q, k, v, attn_mask=keep), 1e-6)
+    rows = torch.cat([torch.arange(valid), torch.arange(nt, 22)])
+    cut = TokenLayout(num_tokens=22 - (nt - valid), grid=grid, text=slice(0, valid))
+    want = method(*(t[:, :, rows] for t in (q, k, v)), cut, RunContext(grid=grid, layer="b"))
+    assert_close(out[:, :, rows], want, 1e-6)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out[:, :, rows], sdpa(q, k, v, attn_mask=keep)[:, :, rows], atol=1e-3)  # gna ran
