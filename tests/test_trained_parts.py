@@ -206,3 +206,20 @@ def test_image_data_mix_follows_the_config():
     tr = Trainer(_tiny_cfg("tiny-flux-trained", single_shape=1.0, two_tone=0.0))
     _, caps = tr.batch(16, torch.Generator().manual_seed(1), 0.0)
     assert all(" and " not in c for c in caps)  # the trainer draws from its config
+
+
+def test_train_tiny_command_passes_every_option_to_the_config(monkeypatch, tmp_path):
+    from diffaccel.pipelines.trained import train as T
+
+    seen = {}
+
+    def fake_train(cfg, out):
+        seen["cfg"] = cfg
+        return {"steps": 0, "seconds": 0.0, "final_loss": 0.0, "eval_loss_initial": 0.0, "eval_loss_final": 0.0}
+
+    monkeypatch.setattr(T, "train", fake_train)
+    T.train_tiny_command(model="tiny-flux-trained", minutes=3, out=tmp_path, steps=7, lr=1e-3, seed=4,
+                         time_shift=1.65, single_shape=0.9, two_tone=0.05, train_text=False)
+    cfg = seen["cfg"]
+    assert (cfg.max_steps, cfg.minutes, cfg.lr, cfg.seed, cfg.batch) == (7, 3, 1e-3, 4, 16)
+    assert (cfg.time_shift, cfg.single_shape, cfg.two_tone, cfg.train_text) == (1.65, 0.9, 0.05, False)
