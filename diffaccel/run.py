@@ -448,6 +448,12 @@ def generate(opts: GenerateOptions) -> GenerateResult:
     if cp > 1:
         multigpu.enable(pipe, cp)
     kwargs = call_kwargs(pipe, model, opts)
+    if getattr(method, "name", None) == "softpag" and float(kwargs.get("true_cfg_scale", 1.0)) > 1.0:
+        # the trained tiny FLUX runs true CFG (two denoiser calls per step), which SoftPAG's guidance wrapper
+        # cannot take: its own (cond - perturbed) guidance replaces it, and the change is said once
+        warn_once(f"softpag-true-cfg-{model}", f"softpag on {model}: true CFG (true_cfg_scale="
+                  f"{kwargs['true_cfg_scale']}) is turned off; SoftPAG guides with its own scale instead")
+        kwargs["true_cfg_scale"] = 1.0
     check_sizes(pipe, kwargs.get("height"), kwargs.get("width"), kwargs.get("num_frames"))
     check_method_reaches(pipe, method, resolved_steps(pipe, kwargs))
     video = is_video_pipeline(pipe)
