@@ -2,8 +2,9 @@
 
 Bounds are set below what the shipped weights measure (numbers in the README), with margin; each is compared
 with the random model of the same architecture where the issue asks for it. The issue's caption-colour target
-(>= 90 % with guidance) is NOT met by the weights trained on this CPU (measured 6 %, README): that test is a
-strict xfail, so it turns into a failure (XPASS) the day better weights ship and the marker must go.
+(>= 90 % with guidance) is NOT met by the weights trained on this CPU (measured 62 %, README): that test is a
+strict xfail, so it turns into a failure (XPASS) the day better weights ship and the marker must go; what the
+shipped weights do reach (far above chance) is asserted by a normal test.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import pytest
 import torch
 
 from diffaccel.pipelines.tiny import TINY_PIPELINES, build_tiny, tiny_spec
-from diffaccel.pipelines.trained import IMAGE_MODEL, VIDEO_MODEL, WEIGHTS_DIR, training_record
+from diffaccel.pipelines.trained import IMAGE_MODEL, IMAGE_STEPS, VIDEO_MODEL, WEIGHTS_DIR, training_record
 from diffaccel.pipelines.trained import components as C
 from diffaccel.pipelines.trained.quality import (
     EVAL_CAPTIONS, image_locality, read_clip, sample_eval_set, score_images, uniform_share,
 )
 
-STEPS = 12
+STEPS = IMAGE_STEPS  # the default of `diffaccel generate`: the targets hold where people look
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +56,35 @@ def test_shipped_weights_are_small_fp16_and_say_how_they_were_trained():
         rec = training_record(name)
         assert rec["complete"] and rec["steps"] > 100 and rec["seconds"] > 60
         assert rec["device"] and rec["command"].startswith("diffaccel train-tiny --model " + name)
-        first = rec.get("resumed_from") or rec  # a fine-tune records the run it started from
+        first = rec  # a fine-tune records the run it started from (a chain: walk back to its first run)
+        while first.get("resumed_from"):
+            first = first["resumed_from"]
         assert rec["eval_loss_final"] < 0.5 * first["eval_loss_initial"]
     assert total < 8 * 2**20
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 target not reached by the CPU-trained weights (6 % measured)")
-def test_caption_colours_with_guidance(samples):
+def test_caption_colours_with_guidance_are_far_above_chance(samples):
+    """Measured at the default steps, true CFG 4, 32 samples: background 91 %, background and shape colour both
+    right 62 % (chance: 1/8 and 1/64; the previous weights: 6 %). Bounds with margin below the measurement."""
     images, asked = samples
     s = score_images(images, asked)
     print(f"\nbackground {s.background:.0%} shape colour {s.colour:.0%} both {s.both:.0%} shape {s.shape:.0%} (n={s.n})")
     assert s.n == 2 * len(EVAL_CAPTIONS)
+    assert s.background >= 0.75 and s.both >= 0.45
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 target (>= 90 %) not reached by the CPU-trained weights (62 % measured)")
+def test_caption_colours_with_guidance_reach_the_issue_target(samples):
+    s = score_images(*samples)
     assert s.both >= 0.9
+
+
+def test_trained_image_model_is_the_cpu_default(monkeypatch):
+    from diffaccel import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.default_model() == IMAGE_MODEL
+    assert run.default_prompt(None) == tiny_spec(IMAGE_MODEL).prompt
 
 
 def test_untrained_model_does_not_pass_the_colour_test(untrained):

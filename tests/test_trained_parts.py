@@ -12,7 +12,7 @@ from diffaccel.errors import ConfigError, ModelLoadError
 from diffaccel.pipelines.trained import components as C
 from diffaccel.pipelines.trained import data as D
 from diffaccel.pipelines.trained.quality import classify_shape, neighbourhood_share, read_sample, uniform_share
-from diffaccel.pipelines.trained.train import TrainConfig, Trainer
+from diffaccel.pipelines.trained.train import TrainConfig, Trainer, shift_times
 from diffaccel.pipelines.trained.weights_io import load_pipeline_weights, read_header, save_pipeline_weights
 
 
@@ -153,3 +153,73 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch=0)
     with pytest.raises(ConfigError, match="minutes=0"):
         TrainConfig(minutes=0, max_steps=0)
+    with pytest.raises(ConfigError, match="time_shift=0"):
+        TrainConfig(time_shift=0)
+    with pytest.raises(ConfigError, match="single_shape=1.5"):
+        TrainConfig(single_shape=1.5)
+    with pytest.raises(ConfigError, match="two_tone=-0.1"):
+        TrainConfig(two_tone=-0.1)
+
+
+def test_time_shift_is_the_schedulers_shift():
+    """Training times shifted like FlowMatchEulerDiscreteScheduler shifts its sigmas (FluxPipeline at 256 image
+    tokens: mu = 0.5, exponential shift exp(mu) = 1.65), so training and sampling see the same noise levels."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    t = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shift_times(t, 1.0), t)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    assert torch.allclose(shift_times(t, math.exp(0.5)), sched.time_shift(0.5, 1.0, t), atol=1e-6)
+    s = shift_times(t, 1.65)
+    assert (s > t).all() and (s < 1).all()  # more noise, same range
+    assert shift_times(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]
+
+
+def test_loss_draws_shifted_times():
+    """The trainer's loss uses the configured shift: with the same noise stream, the noised input equals the
+    one built from the shifted time (checked through the model input)."""
+    torch.manual_seed(0)
+    tr = Trainer(_tiny_cfg("tiny-flux-trained", time_shift=3.0))
+    x0, caps = tr.batch(4, torch.Generator().manual_seed(0), 0.0)
+    seen = {}
+    tr.predict = lambda model, xt, t, c: seen.update(xt=xt, t=t) or torch.zeros_like(xt)
+    tr.loss(tr.model, x0, caps, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = shift_times(torch.sigmoid(torch.randn(4, generator=g)), 3.0)
+    e = torch.randn(x0.shape, generator=g)
+    assert torch.allclose(seen["t"], t)
+    assert torch.allclose(seen["xt"], (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * e)
+
+
+def test_image_data_mix_follows_the_config():
+    g = torch.Generator().manual_seed(0)
+    one = TrainConfig(single_shape=1.0, two_tone=0.0).image_data()
+    scenes = [D.random_scene(g, one) for _ in range(40)]
+    assert all(len(s.shapes) == 1 and s.background_2 is None for s in scenes)
+    many = TrainConfig(single_shape=0.0, two_tone=1.0).image_data()
+    scenes = [D.random_scene(g, many) for _ in range(60)]
+    counts = [len(s.shapes) for s in scenes]
+    assert all(s.background_2 is not None for s in scenes) and 1 not in counts
+    assert counts.count(2) > counts.count(3) > 0  # two shapes twice as often as three
+    tr = Trainer(_tiny_cfg("tiny-flux-trained", single_shape=1.0, two_tone=0.0))
+    _, caps = tr.batch(16, torch.Generator().manual_seed(1), 0.0)
+    assert all(" and " not in c for c in caps)  # the trainer draws from its config
+
+
+def test_train_tiny_command_passes_every_option_to_the_config(monkeypatch, tmp_path):
+    from diffaccel.pipelines.trained import train as T
+
+    seen = {}
+
+    def fake_train(cfg, out):
+        seen["cfg"] = cfg
+        return {"steps": 0, "seconds": 0.0, "final_loss": 0.0, "eval_loss_initial": 0.0, "eval_loss_final": 0.0}
+
+    monkeypatch.setattr(T, "train", fake_train)
+    T.train_tiny_command(model="tiny-flux-trained", minutes=3, out=tmp_path, steps=7, lr=1e-3, seed=4,
+                         time_shift=1.65, single_shape=0.9, two_tone=0.05, train_text=False)
+    cfg = seen["cfg"]
+    assert (cfg.max_steps, cfg.minutes, cfg.lr, cfg.seed, cfg.batch) == (7, 3, 1e-3, 4, 16)
+    assert (cfg.time_shift, cfg.single_shape, cfg.two_tone, cfg.train_text) == (1.65, 0.9, 0.05, False)

@@ -3,8 +3,9 @@
     python tools/trained_report.py --out docs
 
 Writes ``docs/trained-samples.png`` (captions x seeds), ``docs/trained-methods.png`` (dense, GNA 5x5 and
-CLEAR r=4 on the same seeds, PSNR against dense under each), and prints (and writes ``trained-report.json``)
-the numbers the README quotes: caption colour and shape accuracy with and without guidance, attention
+CLEAR r=4 on the same seeds, PSNR against dense under each; the image model at its default steps), and prints
+(and writes ``trained-report.json``)
+the numbers the README quotes: caption colour and shape accuracy with guidance (true CFG 4), attention
 locality per layer (trained, same-architecture random, uniform), PSNR of dense vs a 5x5 window (trained,
 random), and the video model's colour and motion readings.
 """
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 import diffaccel  # noqa: E402
 from diffaccel.eval.fidelity import psnr  # noqa: E402
 from diffaccel.pipelines.tiny import build_tiny  # noqa: E402
-from diffaccel.pipelines.trained import IMAGE_MODEL, VIDEO_MODEL, training_record  # noqa: E402
+from diffaccel.pipelines.trained import IMAGE_MODEL, IMAGE_STEPS, VIDEO_MODEL, training_record  # noqa: E402
 from diffaccel.pipelines.trained import components as C  # noqa: E402
 from diffaccel.pipelines.trained.quality import (  # noqa: E402
     EVAL_CAPTIONS, eval_caption, image_locality, read_clip, sample_eval_set, score_images, uniform_share,
@@ -58,7 +59,7 @@ def grid(rows: list[tuple[str, list[torch.Tensor], list[str] | None]], header: l
     canvas.save(path)
 
 
-def sample(pipe, prompt: str, seed: int, steps: int = 12) -> torch.Tensor:
+def sample(pipe, prompt: str, seed: int, steps: int = IMAGE_STEPS) -> torch.Tensor:
     return pipe(prompt, height=32, width=32, num_inference_steps=steps, max_sequence_length=C.FLUX_TEXT_LEN,
                 negative_prompt="", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(seed),
                 output_type="pt").images[0]
@@ -77,7 +78,7 @@ def main() -> None:
 
     seeds = (0, 1, 2, 3)
     for g in (4.0,):
-        imgs, asked = sample_eval_set(pipe, seeds=seeds, guidance=g)
+        imgs, asked = sample_eval_set(pipe, seeds=seeds, guidance=g, steps=IMAGE_STEPS)
         s = score_images(imgs, asked)
         report[f"scores_guidance_{g}"] = s.__dict__
         print(f"guidance {g}: background {s.background:.1%} shape colour {s.colour:.1%} both {s.both:.1%} "

@@ -13,8 +13,8 @@ DEFAULT_PORT = 7860
 def demo_command(
     model: Annotated[
         Optional[str],
-        typer.Option(help="Preselected model: a tiny pipeline name, a Hub id or a local folder (default: tiny-flux "
-                     "without CUDA, FLUX.1-dev with CUDA)."),
+        typer.Option(help="Preselected model: a tiny pipeline name, a Hub id or a local folder (default: "
+                     "tiny-flux-trained without CUDA, FLUX.1-dev with CUDA)."),
     ] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = DEFAULT_PORT,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 serves the network).")] = "127.0.0.1",

@@ -88,7 +88,7 @@ def build_options(cli: dict[str, Any], command: list[str]):
 
 def eval_command(
     model: Annotated[Optional[str], typer.Option(help="Tiny pipeline name, Hub id or local folder (default: as "
-                                                  "`diffaccel generate`: tiny-flux without CUDA, FLUX.1-dev with CUDA).")] = None,
+                                                  "`diffaccel generate`: tiny-flux-trained without CUDA, FLUX.1-dev with CUDA).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods; dense (stock processors) is "
                                                    "always the reference. Default dense,gna.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method parameter method.key=value "

@@ -22,6 +22,9 @@ IMAGE_PROMPT = "a red circle on a blue background"
 VIDEO_PROMPT = "a yellow square moving right on a blue background"
 IMAGE_GUIDANCE = 4.0
 """True classifier-free guidance scale of the image model (FluxPipeline's ``true_cfg_scale``, null caption)."""
+IMAGE_STEPS = 6
+"""Default sampling steps of the image model (FLUX.1's schedule at 256 tokens, shift 1.65): few enough that the
+README's first command stays short on a CPU, and the caption-colour test runs at this count (tests/test_trained.py)."""
 VIDEO_GUIDANCE = 4.0
 
 
@@ -52,7 +55,8 @@ def register(registry: dict[str, Any], TinySpec: Any) -> None:
 
     for spec in (
         TinySpec(
-            IMAGE_MODEL, "FluxPipeline", "flux", lambda: load_trained(IMAGE_MODEL), height=32, width=32, steps=12,
+            IMAGE_MODEL, "FluxPipeline", "flux", lambda: load_trained(IMAGE_MODEL), height=32, width=32,
+            steps=IMAGE_STEPS,
             extra={"max_sequence_length": FLUX_TEXT_LEN, "true_cfg_scale": IMAGE_GUIDANCE, "negative_prompt": ""},
             description="trained on procedural shapes (32x32 pixels), FLUX.1 blocks, 16x16 image tokens",
             trained=True, prompt=IMAGE_PROMPT,
@@ -68,4 +72,4 @@ def register(registry: dict[str, Any], TinySpec: Any) -> None:
             registry[spec.name] = spec
 
 
-__all__ = ["IMAGE_MODEL", "VIDEO_MODEL", "WEIGHTS_DIR", "load_trained", "register", "training_record"]
+__all__ = ["IMAGE_MODEL", "IMAGE_STEPS", "VIDEO_MODEL", "WEIGHTS_DIR", "load_trained", "register", "training_record"]

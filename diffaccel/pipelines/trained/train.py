@@ -53,6 +53,15 @@ class TrainConfig:
     log_every: int = 10
     train_text: bool = True
     resume: Optional[str] = None  # a weights file of the same model to start from (fine-tuning)
+    time_shift: float = 1.0
+    """Training times ``t`` are shifted like the sampler's sigmas, ``s t / (1 + (s - 1) t)`` (SD3's resolution
+    shift, Esser et al. 2024, sec. 5.3.2). FluxPipeline samples 256 image tokens with ``mu = 0.5``, i.e.
+    ``s = exp(0.5) = 1.65``: training at the same shift puts the steps where the sampler spends them (the high
+    noise levels where colours and layout are decided). 1.0: no shift (the first shipped runs)."""
+    single_shape: float = 0.7
+    """Share of one-shape images (the rest: two or three shapes, 2:1); the eval captions have one shape."""
+    two_tone: float = 0.2
+    """Share of two-tone backgrounds."""
     transformer_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +71,21 @@ class TrainConfig:
             raise ConfigError(f"minutes={self.minutes}, max_steps={self.max_steps}: one must be > 0")
         if self.batch < 1:
             raise ConfigError(f"batch={self.batch}: must be >= 1")
+        if self.time_shift <= 0:
+            raise ConfigError(f"time_shift={self.time_shift}: must be > 0 (1.0: no shift)")
+        for name in ("single_shape", "two_tone"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+
+    def image_data(self) -> D.ImageDataConfig:
+        """The data generator's settings of this run."""
+        rest = 1.0 - self.single_shape
+        return D.ImageDataConfig(count_weights=(self.single_shape, rest * 2 / 3, rest / 3), two_tone=self.two_tone)
+
+
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``shift * t / (1 + (shift - 1) * t)``: the scheduler's time shift (identity at 1.0; keeps 0 and 1 fixed)."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 class Trainer:
@@ -138,7 +162,7 @@ class Trainer:
             x, caps = D.video_batch(n, gen)
             x0 = self.pipe.vae.pack(x)
         else:
-            x, caps = D.image_batch(n, gen)
+            x, caps = D.image_batch(n, gen, self.cfg.image_data())
             from diffusers import FluxPipeline
 
             x0 = FluxPipeline._pack_latents(x, n, 3, 32, 32)
@@ -156,7 +180,7 @@ class Trainer:
         )[0]
 
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, caps: list[str], gen: torch.Generator) -> torch.Tensor:
-        t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+        t = shift_times(torch.sigmoid(torch.randn(x0.shape[0], generator=gen)), self.cfg.time_shift)
         e = torch.randn(x0.shape, generator=gen)
         tb = t.view(-1, *([1] * (x0.dim() - 1)))
         xt = (1 - tb) * x0 + tb * e
@@ -273,12 +297,18 @@ def train_tiny_command(
     threads: Optional[int] = None,
     resume: Optional[Path] = None,
     train_text: bool = True,
+    time_shift: float = 1.0,
+    single_shape: float = 0.7,
+    two_tone: float = 0.2,
 ) -> None:
     """Train a trained tiny pipeline (tiny-flux-trained, tiny-wan-trained) from SEED; write OUT/<model>.safetensors.
 
     Shipped weights: ``--out diffaccel/pipelines/trained/weights``. ``--batch 0``: 16 images or 8 videos.
     ``--threads``: torch CPU threads (default: torch's). ``--resume FILE``: fine-tune from a weights file.
-    ``--no-train-text``: keep the random text encoders frozen.
+    ``--no-train-text``: keep the random text encoders frozen. ``--time-shift S``: train at the sampler's
+    shifted times (1.65: FluxPipeline at 32x32). ``--single-shape P`` / ``--two-tone P``: share of one-shape
+    images / of two-tone backgrounds. ``--steps N`` makes the run reproducible (the learning-rate schedule
+    follows the steps; ``--minutes`` is then a cap).
     """
     if threads is not None:
         if threads < 1:
@@ -287,7 +317,8 @@ def train_tiny_command(
     if batch == 0:
         batch = 8 if model == "tiny-wan-trained" else 16
     cfg = TrainConfig(model=model, minutes=minutes, max_steps=steps, batch=batch, lr=lr, seed=seed,
-                      resume=str(resume) if resume else None, train_text=train_text)
+                      resume=str(resume) if resume else None, train_text=train_text, time_shift=time_shift,
+                      single_shape=single_shape, two_tone=two_tone)
     rec = train(cfg, out)
     print(f"{model}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}, "
           f"eval loss {rec['eval_loss_initial']} -> {rec['eval_loss_final']}; wrote {Path(out) / (model + '.safetensors')}")
