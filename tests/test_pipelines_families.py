@@ -40,7 +40,6 @@ COMPARED_RUNS = [  # also against dense: PSNR, the side-by-side picture
 REFUSED = [  # (model, method, options, what the one error line says)
     ("tiny-qwen-image", "tile", REFERENCE, "video grid"),
     ("tiny-z-image", "softpag", ["--set", 'layers=["layers.0.attention"]'], "latent batch"),
-    ("tiny-qwen-image", "softpag", ["--set", 'layers=["transformer_blocks.0.attn"]'], "twice in one denoising step"),
 ]
 """tile needs a video grid; SoftPAG needs one latent batch that holds [uncond, cond] (Z-Image passes a list of
 latents; Qwen-Image, FLUX.2 Klein and HunyuanVideo-1.5 call the denoiser separately for the negative prompt)."""
@@ -150,3 +149,71 @@ def test_models_lists_the_new_tiny_pipelines(capsys):
                       ("tiny-z-image", "ZImagePipeline"), ("tiny-hunyuan-video15", "HunyuanVideo15Pipeline"),
                       ("tiny-ltx2", "LTX2Pipeline")):
         assert name in out and cls in out
+
+
+NEW_FAMILY_PIPELINES = ("tiny-flux2", "tiny-qwen-image", "tiny-z-image", "tiny-hunyuan-video15", "tiny-ltx2")
+MATRIX_METHODS = ("gna", "tile", "clear", "msw", "agent", "paro", "adaspa", "vmoba")
+"""Every registered sparse method but SoftPAG (a guidance method, its own tests above and in test_softpag.py)."""
+MATRIX_EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
+    # (model, method) -> (outcome, what the one line says); every other pair must run the method
+    **{(m, "tile"): ("refused", "need a video grid") for m in ("tiny-flux2", "tiny-qwen-image", "tiny-z-image")},
+    ("tiny-qwen-image", "paro"): ("refused", "different text lengths"),
+    ("tiny-z-image", "agent"): ("dense", "agent: attention calls with a mask run dense"),
+    ("tiny-hunyuan-video15", "agent"): ("dense", "agent: attention calls with a mask run dense"),
+}
+"""Why the exceptions: tiles are a video method; Qwen-Image runs its negative prompt as its own call at its own text
+length, which one PARO plan cannot serve; Z-Image and HunyuanVideo-1.5 pass a prompt key mask on every call, which
+agent attention cannot take (it says so once and runs dense, and generate reports the fallback)."""
+
+
+def test_matrix_names_only_pairs_it_runs():
+    assert {m for m, _ in MATRIX_EXPECTED} <= set(NEW_FAMILY_PIPELINES)
+    assert {x for _, x in MATRIX_EXPECTED} <= set(MATRIX_METHODS)
+    from diffaccel.methods.base import list_methods
+
+    assert set(MATRIX_METHODS) == set(list_methods()) - {"dense", "softpag"}  # a new method joins the matrix
+
+
+@pytest.mark.parametrize("model", NEW_FAMILY_PIPELINES)
+@pytest.mark.parametrize("method", MATRIX_METHODS)
+def test_every_method_on_every_new_family_runs_or_says_why_not(capsys, tmp_path, cached_pipelines_and_methods,
+                                                               model, method):
+    """Every sparse method through ``diffaccel generate`` on every new family's tiny pipeline: it runs its own
+    attention (call counts), or it is refused with one clear error line, or it runs dense and says so."""
+    from diffaccel.methods.base import method_parameters
+    from diffaccel.warn import reset_warnings
+
+    reset_warnings()
+    options = REFERENCE if "backend" in {f[0] for f in method_parameters(method)} else []
+    if model != "tiny-hunyuan-video15" and method != "paro":  # PARO calibrates on the run's own steps
+        options = options + ["--steps", "1"]
+    code, out, err = _generate(capsys, tmp_path, model, method, options, "--no-compare")
+    outcome, says = MATRIX_EXPECTED.get((model, method), ("runs", ""))
+    if outcome == "refused":
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and says in lines[0], err
+        return
+    assert code == 0, err
+    (made,) = cached_pipelines_and_methods
+    counts = made.call_counts
+    if outcome == "dense":
+        assert counts.method == 0 and counts.dense > 0, counts
+        assert (out + err).count(says) == 1 and "fell back" in out + err
+        return
+    assert counts.method > 0 and "fell back" not in out + err, f"{method} on {model}: {counts}"
+    assert list(tmp_path.glob(f"{model}_{method}.*"))
+
+
+def test_softpag_on_qwen_image_turns_its_true_cfg_off_and_says_so(capsys, tmp_path):
+    """Qwen-Image runs true CFG (the negative prompt as a second denoiser call per step), which SoftPAG's wrapper
+    cannot take: generate turns it off, says so once, and SoftPAG's own guidance runs against a dense baseline made
+    with the same settings."""
+    from diffaccel.warn import reset_warnings
+
+    reset_warnings()
+    code, out, err = _generate(capsys, tmp_path, "tiny-qwen-image", "softpag",
+                               ["--set", 'layers=["transformer_blocks.0.attn"]', "--steps", "1"])
+    assert code == 0, err
+    assert (out + err).count("true CFG (true_cfg_scale=") == 1
+    psnr = re.search(r"PSNR dB[^0-9inf]*([0-9.]+|inf)", out)
+    assert psnr is not None and psnr.group(1) != "inf"  # the perturbed-branch guidance changed the image

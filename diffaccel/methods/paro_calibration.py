@@ -177,8 +177,11 @@ class ParoCalibrator(MethodBase):
             self.stats[layer] = st
         elif (st.grid, st.num_tokens, st.num_text, st.text_first, st.heads) != geometry:
             raise ConfigError(
-                f"paro calibration: layer {layer} changed geometry between calls ({st.grid} -> {layout.grid}); "
-                "calibrate every prompt at the same size"
+                f"paro calibration: layer {layer} changed geometry between calls (grid {st.grid}, {st.num_tokens} "
+                f"tokens, {st.num_text} text -> grid {layout.grid}, {layout.num_tokens} tokens, {layout.num_text} "
+                "text): one PARO plan serves one token geometry; calibrate every prompt at the same size (a pipeline "
+                "that runs its prompt and negative prompt at different text lengths, as Qwen-Image does, cannot use "
+                "PARO)"
             )
         return st
 
