@@ -159,6 +159,12 @@ def test_train_config_rejects_bad_values():
         TrainConfig(single_shape=1.5)
     with pytest.raises(ConfigError, match="two_tone=-0.1"):
         TrainConfig(two_tone=-0.1)
+    with pytest.raises(ConfigError, match=r"half_range=\(9.0, 5.0\): need 1 <= low <= high <= 16"):
+        TrainConfig(half_range=(9.0, 5.0))
+    with pytest.raises(ConfigError, match="half_range=\\(0.5, 3.0\\)"):
+        TrainConfig(half_range=(0.5, 3.0))
+    with pytest.raises(ConfigError, match="jitter=-1.0: must be in"):
+        TrainConfig(jitter=-1.0)
 
 
 def test_time_shift_is_the_schedulers_shift():
@@ -219,7 +225,68 @@ def test_train_tiny_command_passes_every_option_to_the_config(monkeypatch, tmp_p
 
     monkeypatch.setattr(T, "train", fake_train)
     T.train_tiny_command(model="tiny-flux-trained", minutes=3, out=tmp_path, steps=7, lr=1e-3, seed=4,
-                         time_shift=1.65, single_shape=0.9, two_tone=0.05, train_text=False)
+                         time_shift=1.65, single_shape=0.9, two_tone=0.05, train_text=False, half_range=(7.0, 12.0),
+                         jitter=4.0)
     cfg = seen["cfg"]
     assert (cfg.max_steps, cfg.minutes, cfg.lr, cfg.seed, cfg.batch) == (7, 3, 1e-3, 4, 16)
     assert (cfg.time_shift, cfg.single_shape, cfg.two_tone, cfg.train_text) == (1.65, 0.9, 0.05, False)
+    assert (cfg.half_range, cfg.jitter) == ((7.0, 12.0), 4.0)
+    assert (cfg.image_data().half_range, cfg.image_data().jitter, cfg.video_data().jitter) == ((7.0, 12.0), 4.0, 4.0)
+    T.train_tiny_command(model="tiny-wan-trained", out=tmp_path, steps=1)
+    assert seen["cfg"].batch == 8 and seen["cfg"].jitter is None and seen["cfg"].video_data().jitter is None
+
+
+def test_jitter_keeps_one_shape_near_the_centre_and_half_range_sets_its_size():
+    """``jitter``: a one-shape scene's centre within jitter pixels of the image centre on both axes; scenes of
+    several shapes and the default (``None``) place shapes anywhere. ``half_range`` bounds the size."""
+    g = torch.Generator().manual_seed(0)
+    near = TrainConfig(single_shape=1.0, two_tone=0.0, half_range=(7.0, 12.0), jitter=2.0).image_data()
+    scenes = [D.random_scene(g, near) for _ in range(60)]
+    assert all(abs(s.shapes[0].cx - 16) <= 2 and abs(s.shapes[0].cy - 16) <= 2 for s in scenes)
+    halves = [s.shapes[0].half for s in scenes]
+    assert min(halves) >= 7 and max(halves) <= 12 and max(halves) - min(halves) > 3
+    r = read_sample((D.render_scene(scenes[0]) + 1) / 2)  # still drawn where the spec says (reading matches)
+    assert (r.colour, r.shape) == (scenes[0].shapes[0].colour, scenes[0].shapes[0].shape)
+    anywhere = [D.random_scene(g, TrainConfig(single_shape=1.0).image_data()) for _ in range(60)]
+    assert max(abs(s.shapes[0].cx - 16) for s in anywhere) > 6
+    several = [D.random_scene(g, TrainConfig(single_shape=0.0, jitter=0.0).image_data()) for _ in range(30)]
+    assert max(abs(sh.cx - 16) for s in several for sh in s.shapes) > 6  # jitter is for one-shape scenes only
+    big = TrainConfig(single_shape=1.0, jitter=16.0, half_range=(15.0, 16.0)).image_data()
+    for s in (D.random_scene(g, big) for _ in range(20)):  # clamped: the shape always fits in the frame
+        sh = s.shapes[0]
+        assert sh.half <= sh.cx <= 32 - sh.half and sh.half <= sh.cy <= 32 - sh.half
+
+
+def test_video_jitter_centres_the_trajectory_and_the_trainer_uses_it():
+    g = torch.Generator().manual_seed(0)
+    clips = [D.random_clip(g, D.VideoDataConfig(jitter=1.5)) for _ in range(40)]
+    assert all(abs(c.cx - 16) <= 1.5 and abs(c.cy - 16) <= 1.5 for c in clips)
+    assert max(abs(c.cx - 16) for c in (D.random_clip(g) for _ in range(40))) > 4
+    torch.manual_seed(0)
+    tr = Trainer(_tiny_cfg("tiny-wan-trained", jitter=0.0))
+    x0, caps = tr.batch(4, torch.Generator().manual_seed(2), 0.0)
+    video = tr.pipe.vae.unpack(x0)  # (B, 3, F, H, W)
+    for v, cap in zip(video, caps):
+        mid = v[:, v.shape[1] // 2]  # the middle frame: the shape sits on the centre (jitter 0)
+        fg = (mid - mid[:, 0, 0].view(3, 1, 1)).abs().sum(0) > 0.5
+        ys, xs = torch.nonzero(fg, as_tuple=True)
+        box_x, box_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2  # bounding-box centre
+        assert abs(float(box_x) - 16) <= 1 and abs(float(box_y) - 16) <= 1, cap
+
+
+def test_clip_reader_scores_ground_truth_clips_right_and_wrong_captions_wrong():
+    """The video scorer on rendered clips of its own eval cases: every colour and motion read right; the same
+    clips scored against shifted cases are read wrong (the scorer compares, it does not count)."""
+    from diffaccel.pipelines.trained.quality import VIDEO_EVAL_CASES, score_clips
+
+    cfg = D.VideoDataConfig()
+    clips = []
+    for colour, shape, motion, bg in VIDEO_EVAL_CASES:
+        video = D.render_clip(D.ClipSpec(shape, colour, motion, bg, 16.0, 16.0, 6.0), cfg)  # (3, F, H, W)
+        clips.append(((video + 1) / 2).permute(1, 0, 2, 3))  # the pipeline's (F, 3, H, W) in [0, 1]
+    frames = torch.stack(clips)
+    s = score_clips(frames, list(VIDEO_EVAL_CASES))
+    assert (s.colour, s.motion, s.n) == (1.0, 1.0, 12)
+    shifted = list(VIDEO_EVAL_CASES[1:] + VIDEO_EVAL_CASES[:1])
+    w = score_clips(frames, shifted)
+    assert w.colour == 0.0 and w.motion == 0.0

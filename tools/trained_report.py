@@ -28,8 +28,10 @@ from diffaccel.pipelines.tiny import build_tiny  # noqa: E402
 from diffaccel.pipelines.trained import IMAGE_MODEL, IMAGE_STEPS, VIDEO_MODEL, training_record  # noqa: E402
 from diffaccel.pipelines.trained import components as C  # noqa: E402
 from diffaccel.pipelines.trained.quality import (  # noqa: E402
-    EVAL_CAPTIONS, eval_caption, image_locality, read_clip, sample_eval_set, score_images, uniform_share,
+    EVAL_CAPTIONS, eval_caption, image_locality, sample_eval_set, sample_video_eval_set, score_clips, score_images,
+    uniform_share,
 )
+from diffaccel.pipelines.trained.data import video_caption  # noqa: E402
 
 SCALE = 4
 
@@ -133,19 +135,11 @@ def main() -> None:
 
     vpipe = build_tiny(VIDEO_MODEL)
     vpipe.set_progress_bar_config(disable=True)
-    from diffaccel.pipelines.trained.data import COLOURS, MOTIONS, SHAPES
-
-    cases = [(COLOURS[i % 8], SHAPES[i % 3], MOTIONS[i % 6], COLOURS[(i + 3) % 8]) for i in range(12)]
-    verbs = {m: (m if m in ("growing", "shrinking") else f"moving {m}") for m in MOTIONS}
-    prompts = [f"a {c} {s} {verbs[m]} on a {b} background" for c, s, m, b in cases]
-    frames = vpipe(prompts, height=32, width=32, num_frames=9, num_inference_steps=12,
-                   max_sequence_length=C.WAN_TEXT_LEN, guidance_scale=4.0,
-                   generator=torch.Generator().manual_seed(0), output_type="pt").frames
-    rs = [read_clip(v) for v in frames]
-    col = sum(r.colour == c and r.background == b for r, (c, _, _, b) in zip(rs, cases)) / len(cases)
-    mot = sum(r.motion == m for r, (_, _, m, _) in zip(rs, cases)) / len(cases)
-    report["video"] = {"colour_and_background": col, "motion": mot, "n": len(cases)}
-    print(f"video: colour+background {col:.0%}, motion {mot:.0%} (n={len(cases)})")
+    frames, cases = sample_video_eval_set(vpipe, seeds=(0, 1))
+    vs = score_clips(frames, cases)
+    report["video"] = {"colour_and_background": vs.colour, "motion": vs.motion, "n": vs.n}
+    print(f"video: colour+background {vs.colour:.0%}, motion {vs.motion:.0%} (n={vs.n}; chance 1/56 and 1/6)")
+    prompts = [video_caption(shape, colour, motion, bg) for colour, shape, motion, bg in cases]
     grid([(p, [frames[i][f] for f in (0, 4, 8)], None) for i, p in enumerate(prompts[:6])],
          ["frame 0", "frame 4", "frame 8"], args.out / "trained-video.png")
     (args.out / "trained-report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

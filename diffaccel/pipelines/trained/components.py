@@ -13,8 +13,9 @@ the output instead of hiding it under reconstruction error. Both classes expose 
   of 9 frames at 32x32 is ``5 x 16 x 16``; the transformer's ``(1, 2, 2)`` patches give ``5 x 8 x 8`` tokens.
 
 Tokenizers hold one token per caption word (:func:`~diffaccel.pipelines.trained.data.vocabulary`) plus
-character fallbacks, so any prompt tokenizes. The text encoders are small, random but seeded and frozen (their
-weights ship with the denoiser so nothing depends on the random stream of a torch version).
+character fallbacks, so any prompt tokenizes (built by :mod:`diffaccel.pipelines.tiny_tokenizers`). The text
+encoders are small and seeded, trained with the denoiser; their weights ship with it, so nothing depends on the
+random stream of a torch version.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from diffaccel.pipelines.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 from diffaccel.pipelines.trained.data import vocabulary
 
 
@@ -124,27 +126,7 @@ class CausalPixelPacker(ModelMixin, ConfigMixin):
 
 def word_t5_tokenizer(model_max_length: int):
     """A T5 Unigram tokenizer with one piece per caption word (``▁red``) and character fallbacks."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + w, -1.0) for w in vocabulary()]
-    pieces += [(chr(c), -3.0) for c in range(33, 127)]
-    pieces += [("\u2581" + chr(c), -2.5) for c in range(33, 127)]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
-
-
-def byte_clip_tokenizer(model_max_length: int):
-    """A CLIP byte-level BPE tokenizer over the 256 byte symbols, no merges (every prompt tokenizes byte by byte)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    return t5_tokenizer(model_max_length, words=vocabulary())
 
 
 T5_VOCAB = 256
@@ -211,7 +193,7 @@ def flux_pipeline(transformer_config: dict[str, Any] | None = None):
         scheduler=scheduler,
         vae=PixelAutoencoder(),
         text_encoder=clip_encoder(cfg["pooled_projection_dim"]),
-        tokenizer=byte_clip_tokenizer(77),
+        tokenizer=clip_tokenizer(77),
         text_encoder_2=t5_encoder(cfg["joint_attention_dim"], umt5=False),
         tokenizer_2=word_t5_tokenizer(FLUX_TEXT_LEN),
         transformer=FluxTransformer2DModel(**cfg),

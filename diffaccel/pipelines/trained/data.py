@@ -150,13 +150,20 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 class ImageDataConfig:
     """What the image generator draws. ``shape_counts`` and ``count_weights``: how many shapes, how often;
     ``two_tone``: probability of a two-tone background; ``half_range``: shape half-size in pixels at 32x32
-    (scaled with ``size``)."""
+    (scaled with ``size``); ``jitter``: a one-shape scene's centre lies within ``jitter`` pixels (at 32x32) of
+    the image centre on each axis (``None``: anywhere the shape fits).
+
+    Why ``jitter``: with the shape anywhere, the position is unknown until late in denoising and the caption's
+    shape word barely lowers the loss (measured on the fourth shipped run: 0.0307 vs 0.0309 with the shape words
+    swapped, at t = 0.6), so a CPU-sized run learns colours but draws blobs. Near the centre, the shape is a
+    global property of the image, like its colours, and is learned with them."""
 
     size: int = 32
     shape_counts: tuple[int, ...] = (1, 2, 3)
     count_weights: tuple[float, ...] = (0.7, 0.2, 0.1)
     two_tone: float = 0.2
     half_range: tuple[float, float] = (6.0, 11.0)
+    jitter: float | None = None
 
 
 def random_scene(g: torch.Generator, cfg: ImageDataConfig = ImageDataConfig()) -> SceneSpec:
@@ -179,8 +186,13 @@ def random_scene(g: torch.Generator, cfg: ImageDataConfig = ImageDataConfig()) -
         colour = _pick(g, [c for c in COLOURS if c not in used])
         used.add(colour)
         half = _uniform(g, lo, hi) * scale
-        cx = _uniform(g, half, cfg.size - half)
-        cy = _uniform(g, half, cfg.size - half)
+        if n == 1 and cfg.jitter is not None:
+            j = cfg.jitter * scale
+            cx = min(max(cfg.size / 2 + _uniform(g, -j, j), half), cfg.size - half)
+            cy = min(max(cfg.size / 2 + _uniform(g, -j, j), half), cfg.size - half)
+        else:
+            cx = _uniform(g, half, cfg.size - half)
+            cy = _uniform(g, half, cfg.size - half)
         shapes.append(ShapeSpec(_pick(g, SHAPES), colour, cx, cy, half))
     return SceneSpec(tuple(shapes), bg, bg2, split)
 
@@ -193,12 +205,15 @@ def image_batch(batch: int, g: torch.Generator, cfg: ImageDataConfig = ImageData
 
 @dataclass(frozen=True)
 class VideoDataConfig:
-    """What the video generator draws: ``frames`` frames of ``size`` x ``size``; one shape on a plain background."""
+    """What the video generator draws: ``frames`` frames of ``size`` x ``size``; one shape on a plain background.
+    ``jitter``: the trajectory's midpoint within ``jitter`` pixels (at 32x32) of the image centre (``None``:
+    anywhere), for the reason given in :class:`ImageDataConfig`."""
 
     size: int = 32
     frames: int = 9
     half_range: tuple[float, float] = (5.0, 8.0)
     travel: float = 12.0  # pixels a moving shape covers over the clip
+    jitter: float | None = None
 
 
 @dataclass(frozen=True)
@@ -220,8 +235,13 @@ def random_clip(g: torch.Generator, cfg: VideoDataConfig = VideoDataConfig()) ->
     colour = _pick(g, [c for c in COLOURS if c != bg])
     motion = _pick(g, MOTIONS)
     half = _uniform(g, *cfg.half_range) * cfg.size / 32
-    cx = _uniform(g, half + 2, cfg.size - half - 2)
-    cy = _uniform(g, half + 2, cfg.size - half - 2)
+    if cfg.jitter is not None:
+        j = cfg.jitter * cfg.size / 32
+        cx = cfg.size / 2 + _uniform(g, -j, j)
+        cy = cfg.size / 2 + _uniform(g, -j, j)
+    else:
+        cx = _uniform(g, half + 2, cfg.size - half - 2)
+        cy = _uniform(g, half + 2, cfg.size - half - 2)
     return ClipSpec(_pick(g, SHAPES), colour, motion, bg, cx, cy, half)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from diffaccel.pipelines.trained.data import COLOURS, SHAPES, palette_tensor, shape_mask
+from diffaccel.pipelines.trained.data import COLOURS, MOTIONS, SHAPES, palette_tensor, shape_mask, video_caption
 
 EVAL_CAPTIONS: tuple[tuple[str, str, str], ...] = tuple(
     (colour, shape, bg)
@@ -223,3 +223,44 @@ def read_clip(video: torch.Tensor) -> ClipReading:
     else:
         motion = "still"
     return ClipReading(COLOURS[bg], COLOURS[fg], motion)
+
+
+VIDEO_EVAL_CASES: tuple[tuple[str, str, str, str], ...] = tuple(
+    (COLOURS[i % 8], SHAPES[i % 3], MOTIONS[i % 6], COLOURS[(i + 3) % 8]) for i in range(12)
+)
+"""12 fixed (colour, shape, motion, background) clips: every colour as shape and as background, every motion
+twice."""
+
+
+@dataclass(frozen=True)
+class ClipScores:
+    """Fractions over the clips of: both colours right, motion right (chance 1/6)."""
+
+    colour: float
+    motion: float
+    n: int
+
+
+def sample_video_eval_set(pipe: Any, *, seeds: tuple[int, ...] = (0,), steps: int = 12, guidance: float = 4.0,
+                          cases: tuple[tuple[str, str, str, str], ...] = VIDEO_EVAL_CASES) -> tuple[torch.Tensor, list]:
+    """Frames ``(N, F, 3, 32, 32)`` in ``[0, 1]`` of the video pipeline for ``cases`` x ``seeds`` (batched)."""
+    from diffaccel.pipelines.trained.components import WAN_TEXT_LEN
+
+    prompts = [video_caption(shape, colour, motion, bg) for colour, shape, motion, bg in cases]
+    out, asked = [], []
+    for seed in seeds:
+        frames = pipe(prompts, height=32, width=32, num_frames=9, num_inference_steps=steps,
+                      max_sequence_length=WAN_TEXT_LEN, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="pt").frames
+        out.append(torch.as_tensor(frames).float().cpu())
+        asked += list(cases)
+    return torch.cat(out), asked
+
+
+def score_clips(frames: torch.Tensor, cases: list[tuple[str, str, str, str]]) -> ClipScores:
+    """``frames`` ``(N, F, 3, H, W)`` in ``[0, 1]``; ``cases`` the (colour, shape, motion, background) asked for."""
+    rs = [read_clip(v) for v in frames]
+    col = [r.colour == c and r.background == b for r, (c, _, _, b) in zip(rs, cases)]
+    mot = [r.motion == m for r, (_, _, m, _) in zip(rs, cases)]
+    n = len(rs)
+    return ClipScores(sum(col) / n, sum(mot) / n, n)

@@ -7,10 +7,11 @@ short warm-up and a cosine decay over the wall-time budget, an EMA of the weight
 caption dropout (the empty prompt, which FluxPipeline's ``negative_prompt=""`` and WanPipeline's default
 negative prompt encode) so both pipelines can run classifier-free guidance.
 
-The text encoders are frozen (random, seeded); caption embeddings are computed once per distinct caption.
-Weights are written every ``checkpoint_seconds`` and at the end, so an interrupted run still leaves a file.
+The text encoders are trained with the denoiser (``--no-train-text``: frozen, random and seeded, with caption
+embeddings computed once per distinct caption). Weights are written every ``checkpoint_seconds`` and at the end,
+so an interrupted run still leaves a file. The shipped weights' commands: ``tools/train_trained.sh``.
 
-    diffaccel train-tiny --model tiny-flux-trained --minutes 25 --out weights/
+    diffaccel train-tiny --model tiny-flux-trained --steps 6500 --jitter 4 --out weights/
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ TRAINABLE = ("tiny-flux-trained", "tiny-wan-trained")
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults are the shipped models' settings (chosen by a CPU pilot, see the README)."""
+    """One training run. Defaults: the first CPU pilot's settings; the shipped models' runs set more options
+    (``tools/train_trained.sh``, recorded in each weights file)."""
 
     model: str = "tiny-flux-trained"
     minutes: float = 25.0
@@ -62,6 +64,12 @@ class TrainConfig:
     """Share of one-shape images (the rest: two or three shapes, 2:1); the eval captions have one shape."""
     two_tone: float = 0.2
     """Share of two-tone backgrounds."""
+    half_range: tuple[float, float] = (6.0, 11.0)
+    """Image shape half-size range in pixels (one-shape images; several shapes use the lower half of the range;
+    videos keep :class:`~diffaccel.pipelines.trained.data.VideoDataConfig`'s)."""
+    jitter: Optional[float] = None
+    """One-shape images and videos: the shape's centre (a video: its trajectory's midpoint) within ``jitter``
+    pixels of the image centre (None: anywhere)."""
     transformer_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,11 +84,21 @@ class TrainConfig:
         for name in ("single_shape", "two_tone"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        lo, hi = self.half_range
+        if not 1.0 <= lo <= hi <= 16.0:
+            raise ConfigError(f"half_range={tuple(self.half_range)}: need 1 <= low <= high <= 16 (pixels at 32x32)")
+        if self.jitter is not None and not 0.0 <= self.jitter <= 16.0:
+            raise ConfigError(f"jitter={self.jitter}: must be in [0, 16] pixels (or unset: anywhere)")
 
     def image_data(self) -> D.ImageDataConfig:
         """The data generator's settings of this run."""
         rest = 1.0 - self.single_shape
-        return D.ImageDataConfig(count_weights=(self.single_shape, rest * 2 / 3, rest / 3), two_tone=self.two_tone)
+        return D.ImageDataConfig(count_weights=(self.single_shape, rest * 2 / 3, rest / 3), two_tone=self.two_tone,
+                                 half_range=tuple(self.half_range), jitter=self.jitter)
+
+    def video_data(self) -> D.VideoDataConfig:
+        """The video generator's settings of this run."""
+        return D.VideoDataConfig(jitter=self.jitter)
 
 
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -159,7 +177,7 @@ class Trainer:
     def batch(self, n: int, gen: torch.Generator, null_prob: float) -> tuple[torch.Tensor, list[str]]:
         """Clean latents (packed tokens for FLUX, packer latents for Wan) and captions (some nulled)."""
         if self.video:
-            x, caps = D.video_batch(n, gen)
+            x, caps = D.video_batch(n, gen, self.cfg.video_data())
             x0 = self.pipe.vae.pack(x)
         else:
             x, caps = D.image_batch(n, gen, self.cfg.image_data())
@@ -300,6 +318,8 @@ def train_tiny_command(
     time_shift: float = 1.0,
     single_shape: float = 0.7,
     two_tone: float = 0.2,
+    half_range: tuple[float, float] = (6.0, 11.0),
+    jitter: Optional[float] = None,
 ) -> None:
     """Train a trained tiny pipeline (tiny-flux-trained, tiny-wan-trained) from SEED; write OUT/<model>.safetensors.
 
@@ -307,7 +327,8 @@ def train_tiny_command(
     ``--threads``: torch CPU threads (default: torch's). ``--resume FILE``: fine-tune from a weights file.
     ``--no-train-text``: keep the random text encoders frozen. ``--time-shift S``: train at the sampler's
     shifted times (1.65: FluxPipeline at 32x32). ``--single-shape P`` / ``--two-tone P``: share of one-shape
-    images / of two-tone backgrounds. ``--steps N`` makes the run reproducible (the learning-rate schedule
+    images / of two-tone backgrounds. ``--half-range LO HI``: shape half-size in pixels. ``--jitter PX``: one-shape
+    images keep the shape's centre within PX pixels of the image centre (default: anywhere). ``--steps N`` makes the run reproducible (the learning-rate schedule
     follows the steps; ``--minutes`` is then a cap).
     """
     if threads is not None:
@@ -318,7 +339,7 @@ def train_tiny_command(
         batch = 8 if model == "tiny-wan-trained" else 16
     cfg = TrainConfig(model=model, minutes=minutes, max_steps=steps, batch=batch, lr=lr, seed=seed,
                       resume=str(resume) if resume else None, train_text=train_text, time_shift=time_shift,
-                      single_shape=single_shape, two_tone=two_tone)
+                      single_shape=single_shape, two_tone=two_tone, half_range=tuple(half_range), jitter=jitter)
     rec = train(cfg, out)
     print(f"{model}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}, "
           f"eval loss {rec['eval_loss_initial']} -> {rec['eval_loss_final']}; wrote {Path(out) / (model + '.safetensors')}")
