@@ -165,6 +165,11 @@ def test_train_config_rejects_bad_values():
         TrainConfig(half_range=(0.5, 3.0))
     with pytest.raises(ConfigError, match="jitter=-1.0: must be in"):
         TrainConfig(jitter=-1.0)
+    for option in (dict(single_shape=0.9), dict(two_tone=0.0), dict(half_range=(7.0, 12.0))):
+        name = next(iter(option))
+        with pytest.raises(ConfigError, match=f"{name}=.*image-data option; tiny-wan-trained"):
+            TrainConfig(model="tiny-wan-trained", **option)  # never silently ignored
+    TrainConfig(model="tiny-wan-trained", jitter=3.0, half_range=[6.0, 11.0])  # the defaults and jitter pass
 
 
 def test_time_shift_is_the_schedulers_shift():

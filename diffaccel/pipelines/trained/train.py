@@ -89,6 +89,13 @@ class TrainConfig:
             raise ConfigError(f"half_range={tuple(self.half_range)}: need 1 <= low <= high <= 16 (pixels at 32x32)")
         if self.jitter is not None and not 0.0 <= self.jitter <= 16.0:
             raise ConfigError(f"jitter={self.jitter}: must be in [0, 16] pixels (or unset: anywhere)")
+        if self.model == "tiny-wan-trained":
+            for name in ("single_shape", "two_tone", "half_range"):
+                value, default = getattr(self, name), type(self).__dataclass_fields__[name].default
+                differs = tuple(value) != tuple(default) if name == "half_range" else value != default
+                if differs:
+                    raise ConfigError(f"{name}={value}: an image-data option; tiny-wan-trained draws one shape per "
+                                      "clip (VideoDataConfig), allowed only with tiny-flux-trained")
 
     def image_data(self) -> D.ImageDataConfig:
         """The data generator's settings of this run."""
