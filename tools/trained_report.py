@@ -29,9 +29,8 @@ from diffaccel.pipelines.trained import IMAGE_MODEL, IMAGE_STEPS, VIDEO_MODEL, t
 from diffaccel.pipelines.trained import components as C  # noqa: E402
 from diffaccel.pipelines.trained.quality import (  # noqa: E402
     EVAL_CAPTIONS, eval_caption, image_locality, sample_eval_set, sample_video_eval_set, score_clips, score_images,
-    uniform_share,
+    uniform_share, video_eval_caption,
 )
-from diffaccel.pipelines.trained.data import video_caption  # noqa: E402
 
 SCALE = 4
 
@@ -139,7 +138,7 @@ def main() -> None:
     vs = score_clips(frames, cases)
     report["video"] = {"colour_and_background": vs.colour, "motion": vs.motion, "n": vs.n}
     print(f"video: colour+background {vs.colour:.0%}, motion {vs.motion:.0%} (n={vs.n}; chance 1/56 and 1/6)")
-    prompts = [video_caption(shape, colour, motion, bg) for colour, shape, motion, bg in cases]
+    prompts = [video_eval_caption(c) for c in cases]
     grid([(p, [frames[i][f] for f in (0, 4, 8)], None) for i, p in enumerate(prompts[:6])],
          ["frame 0", "frame 4", "frame 8"], args.out / "trained-video.png")
     (args.out / "trained-report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -146,6 +146,12 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
+def _near_centre(g: torch.Generator, size: int, jitter: float) -> tuple[float, float]:
+    """A point within ``jitter`` pixels (at 32x32, scaled with ``size``) of the image centre on each axis."""
+    j = jitter * size / 32
+    return size / 2 + _uniform(g, -j, j), size / 2 + _uniform(g, -j, j)
+
+
 @dataclass(frozen=True)
 class ImageDataConfig:
     """What the image generator draws. ``shape_counts`` and ``count_weights``: how many shapes, how often;
@@ -187,9 +193,7 @@ def random_scene(g: torch.Generator, cfg: ImageDataConfig = ImageDataConfig()) -
         used.add(colour)
         half = _uniform(g, lo, hi) * scale
         if n == 1 and cfg.jitter is not None:
-            j = cfg.jitter * scale
-            cx = min(max(cfg.size / 2 + _uniform(g, -j, j), half), cfg.size - half)
-            cy = min(max(cfg.size / 2 + _uniform(g, -j, j), half), cfg.size - half)
+            cx, cy = (min(max(c, half), cfg.size - half) for c in _near_centre(g, cfg.size, cfg.jitter))
         else:
             cx = _uniform(g, half, cfg.size - half)
             cy = _uniform(g, half, cfg.size - half)
@@ -236,9 +240,7 @@ def random_clip(g: torch.Generator, cfg: VideoDataConfig = VideoDataConfig()) ->
     motion = _pick(g, MOTIONS)
     half = _uniform(g, *cfg.half_range) * cfg.size / 32
     if cfg.jitter is not None:
-        j = cfg.jitter * cfg.size / 32
-        cx = cfg.size / 2 + _uniform(g, -j, j)
-        cy = cfg.size / 2 + _uniform(g, -j, j)
+        cx, cy = _near_centre(g, cfg.size, cfg.jitter)  # clip_track clamps each frame
     else:
         cx = _uniform(g, half + 2, cfg.size - half - 2)
         cy = _uniform(g, half + 2, cfg.size - half - 2)

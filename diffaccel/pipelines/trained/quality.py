@@ -241,12 +241,18 @@ class ClipScores:
     n: int
 
 
+def video_eval_caption(case: tuple[str, str, str, str]) -> str:
+    """The caption of a (colour, shape, motion, background) case."""
+    colour, shape, motion, bg = case
+    return video_caption(shape, colour, motion, bg)
+
+
 def sample_video_eval_set(pipe: Any, *, seeds: tuple[int, ...] = (0,), steps: int = 12, guidance: float = 4.0,
                           cases: tuple[tuple[str, str, str, str], ...] = VIDEO_EVAL_CASES) -> tuple[torch.Tensor, list]:
     """Frames ``(N, F, 3, 32, 32)`` in ``[0, 1]`` of the video pipeline for ``cases`` x ``seeds`` (batched)."""
     from diffaccel.pipelines.trained.components import WAN_TEXT_LEN
 
-    prompts = [video_caption(shape, colour, motion, bg) for colour, shape, motion, bg in cases]
+    prompts = [video_eval_caption(c) for c in cases]
     out, asked = [], []
     for seed in seeds:
         frames = pipe(prompts, height=32, width=32, num_frames=9, num_inference_steps=steps,
